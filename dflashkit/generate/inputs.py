@@ -1,0 +1,130 @@
+"""Reading prompt datasets: files, directories or `datasets` names, each record with its global index and stable id.
+
+The global index is a record's position in the whole input (files of a directory in sorted name order, then line order).
+It drives both the shard assignment (index % num_shards) and the thinking mode (index % len(modes)), so neither depends
+on how many shards run. Ids come from the record (`id`, `conversation_id`, `question_id`) or, when absent, from the
+source name and position; either way they go through `safe_id`, so they are stable across reruns and safe as file names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..formats import BadRecord
+from ..io import safe_id
+
+ID_KEYS = ("id", "conversation_id", "question_id")
+INPUT_SUFFIXES = (".jsonl", ".json")
+
+
+@dataclasses.dataclass
+class InputRecord:
+    index: int  # global position in the input
+    id: str  # safe, unique conversation id
+    source: str  # "file:line" or "dataset[i]", for error messages
+    record: Any  # the parsed record, or None when `error` is set
+    error: BadRecord | None = None
+
+
+def _source_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no .jsonl or .json files inside")
+        return files
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def _records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
+    """Yield (source, record, error). A malformed line becomes an error for that line only."""
+    if path.suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)  # a broken .json file cannot be split into records: the stage stops here
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json input must hold a list of records")
+        for i, rec in enumerate(data):
+            yield f"{label}[{i}]", rec, None
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            src = f"{label}:{lineno}"
+            try:
+                yield src, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as e:
+                yield src, None, BadRecord("bad_encoding", f"{src}: not UTF-8 ({e.reason} at byte {e.start})")
+            except ValueError as e:
+                yield src, None, BadRecord("bad_json", f"{src}: {e}")
+
+
+def _raw_records(spec: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
+    path = Path(spec)
+    if path.exists():
+        files = _source_files(path)
+        root = path if path.is_dir() else path.parent
+        for f in files:
+            yield from _records_of_file(f, str(f.relative_to(root)))
+        return
+    # Not a path: a `datasets` hub name (offline clusters mirror these; a failure says so clearly).
+    import datasets  # only needed for this input kind
+
+    ds = datasets.load_dataset(spec, split="train")
+    for i, rec in enumerate(ds):
+        yield f"{spec}[{i}]", dict(rec), None
+
+
+def _default_id(source: str) -> str:
+    # "dir/file.jsonl:17" -> "dir_file-17"-like stable name; safe_id makes it a file name.
+    return source.replace(".jsonl:", "-").replace(".json[", "-").rstrip("]")
+
+
+def iter_inputs(spec: str) -> Iterator[InputRecord]:
+    """Every record of the input in global order. Duplicate ids are reported on their second occurrence."""
+    seen: set[str] = set()
+    for index, (source, record, error) in enumerate(_raw_records(spec)):
+        raw_id = None
+        if isinstance(record, dict):
+            raw_id = next((record[k] for k in ID_KEYS if k in record and record[k] not in (None, "")), None)
+        if isinstance(raw_id, (int, float)) and not isinstance(raw_id, bool):
+            raw_id = str(raw_id)
+        if raw_id is not None and not isinstance(raw_id, str):
+            error = error or BadRecord("bad_type", f"{source}: id is {type(raw_id).__name__}")
+            raw_id = None
+        try:
+            cid = safe_id(raw_id if raw_id is not None else _default_id(source))
+        except ValueError as e:
+            cid, error = safe_id(_default_id(source)), error or BadRecord("bad_id", f"{source}: {e}")
+        if cid in seen:
+            error = error or BadRecord("duplicate_id", f"{source}: id {cid!r} already used by an earlier record")
+            cid = safe_id(f"{cid}@{index}")
+        seen.add(cid)
+        yield InputRecord(index, cid, source, record if error is None else None, error)
+
+
+def shard_of(index: int, num_shards: int) -> int:
+    return index % num_shards
+
+
+def slurm_shard_defaults(num_shards: int | None, env=os.environ) -> tuple[int, int] | None:
+    """(shard_id, num_shards) from a Slurm array task, or None outside one.
+
+    With an explicit shard count the array task id is the shard id: that is how a rerun submits a sparse array
+    (`--array=3,7`) of an n-shard run. Without one, the array itself defines the shards; arrays need not start at 0
+    (`--array=1-16` gives shards 0..15).
+    """
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    task = int(env["SLURM_ARRAY_TASK_ID"])
+    if num_shards is not None:
+        return task, num_shards
+    lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    hi = int(env.get("SLURM_ARRAY_TASK_MAX", task))
+    return task - lo, int(env.get("SLURM_ARRAY_TASK_COUNT", hi - lo + 1))

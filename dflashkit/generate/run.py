@@ -1,0 +1,311 @@
+"""One generate shard: read the input, regenerate this shard's conversations, write them exactly once.
+
+Files of shard k of n in OUTPUT_DIR (docs/FORMATS.md):
+  shard-0000k-of-0000n.jsonl         generated conversations, one per line, appended as they finish
+  shard-0000k-of-0000n.errors.jsonl  one line per conversation not written (skipped or failed), with the reason
+  shard-0000k-of-0000n.done.json     the done-marker, written last, holding the counts
+
+A rerun skips the ids already in the shard file (after cutting a torn last line), retries everything else, and exits
+at once when the done-marker exists. The marker is written only when every input conversation of the shard is
+accounted for: written + skipped + errors == input. Conversations that failed for a retryable reason (connection,
+timeout, 429, 5xx after the client's retries) leave the shard without a marker and the process exits non-zero, so the
+scheduler sees the failure and a rerun picks them up.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+from tqdm import tqdm
+
+from ..formats import OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages
+from ..io import JsonlAppender, atomic_write_json, iter_jsonl, repair_jsonl_tail
+from .client import ConversationFailed, SamplingConfig, regenerate
+from .inputs import InputRecord, iter_inputs, shard_of, slurm_shard_defaults
+
+log = logging.getLogger("dflashkit.generate")
+
+EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75  # 75 = EX_TEMPFAIL: try again
+
+
+def shard_name(shard_id: int, num_shards: int) -> str:
+    return f"shard-{shard_id:05d}-of-{num_shards:05d}"
+
+
+@dataclasses.dataclass
+class ShardPaths:
+    output: Path
+    errors: Path
+    done: Path
+
+    @classmethod
+    def of(cls, output_dir: Path, shard_id: int, num_shards: int) -> "ShardPaths":
+        base = output_dir / shard_name(shard_id, num_shards)
+        return cls(Path(f"{base}.jsonl"), Path(f"{base}.errors.jsonl"), Path(f"{base}.done.json"))
+
+
+def thinking_mode_of(index: int, modes: list[str]) -> str | None:
+    """The mode of the conversation with global index `index`: an even split over the whole dataset."""
+    return modes[index % len(modes)] if modes else None
+
+
+def template_kwargs_for(mode: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = dict(args.chat_template_kwargs)
+    if mode is not None:
+        kwargs[args.thinking_mode_key] = args.thinking_mode_map.get(mode, mode)
+    return kwargs
+
+
+def output_record(rec: InputRecord, convo, stats, mode, kwargs, repairs, args) -> dict[str, Any]:
+    out = {k: v for k, v in rec.record.items() if k not in ("messages", "conversations")}
+    if "id" in out and out["id"] != rec.id:
+        out["source_id"] = out["id"]
+    out["id"] = rec.id
+    out[OUTPUT_KEY[args.output_format]] = to_output_messages(convo, args.output_format)
+    out["thinking_mode"] = mode
+    out["generation"] = {
+        "model": args.model,
+        "chat_template_kwargs": kwargs,
+        "turns": stats,
+        "truncated": any(s["finish_reason"] == "length" for s in stats),
+        "repairs": repairs,
+        "index": rec.index,
+    }
+    return out
+
+
+def error_line(rec: InputRecord, reason: str, detail: str, kind: str) -> dict[str, Any]:
+    return {"id": rec.id, "index": rec.index, "source": rec.source, "stage": "generate", "kind": kind,
+            "reason": reason, "detail": detail}
+
+
+def done_ids(path: Path) -> set[str]:
+    """Ids already in a shard file (its torn tail cut first). A duplicate means the file is corrupt: refuse it."""
+    if not path.exists():
+        return set()
+    repair_jsonl_tail(path)
+    ids: set[str] = set()
+    for lineno, obj in iter_jsonl(path):
+        if obj["id"] in ids:
+            raise RuntimeError(f"{path}:{lineno}: conversation {obj['id']!r} appears twice")
+        ids.add(obj["id"])
+    return ids
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.written = self.skipped = self.errors = self.retryable = 0
+        self.prompt_tokens = self.completion_tokens = 0
+
+
+async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[str]) -> tuple[int, Counters]:
+    cfg = SamplingConfig(
+        model=args.model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+        seed=args.seed, timeout=args.request_timeout, max_retries=args.max_retries, on_length=args.on_length,
+        think_open=args.think_tags[0], think_close=args.think_tags[1],
+    )
+    api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+    clients = [openai.AsyncOpenAI(base_url=u, api_key=api_key, max_retries=args.max_retries) for u in args.base_url]
+    counts = Counters()
+    inputs = 0
+    queue: asyncio.Queue = asyncio.Queue(maxsize=args.concurrency * 4)
+    bar = tqdm(desc=shard_name(args.shard_id, args.num_shards), unit="conv", disable=args.no_progress,
+               file=sys.stderr, mininterval=2.0)
+    start = time.monotonic()
+
+    with JsonlAppender(paths.output) as out, JsonlAppender(paths.errors, truncate=True) as errs:
+
+        def fail(rec: InputRecord, exc: BadRecord | ConversationFailed, kind: str) -> None:
+            errs.write(error_line(rec, exc.reason, exc.detail, kind))
+            log.error("conversation %s (%s) %s: %s: %s", rec.id, rec.source, kind, exc.reason, exc.detail[:300])
+
+        async def worker() -> None:
+            while (item := await queue.get()) is not None:
+                rec, skeleton, repairs = item
+                mode = thinking_mode_of(rec.index, args.thinking_modes)
+                kwargs = template_kwargs_for(mode, args)
+                client = clients[rec.index % len(clients)]
+                try:
+                    convo, stats = await regenerate(client, skeleton, cfg, kwargs)
+                except ConversationFailed as e:
+                    if e.retryable:
+                        counts.retryable += 1
+                        fail(rec, e, "retryable")
+                    else:
+                        counts.errors += 1
+                        fail(rec, e, "error")
+                else:
+                    out.write(output_record(rec, convo, stats, mode, kwargs, repairs, args))
+                    counts.written += 1
+                    counts.prompt_tokens += sum(s["prompt_tokens"] or 0 for s in stats)
+                    counts.completion_tokens += sum(s["completion_tokens"] or 0 for s in stats)
+                bar.update(1)
+                elapsed = max(time.monotonic() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{counts.completion_tokens / elapsed:.1f}", refresh=False)
+
+        workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+        records = iter_inputs(args.input)
+        if args.max_conversations is not None:
+            records = itertools.islice(records, args.max_conversations)
+        for rec in records:
+            if shard_of(rec.index, args.num_shards) != args.shard_id:
+                continue
+            inputs += 1
+            if rec.id in already:
+                counts.written += 1
+                bar.update(1)
+                continue
+            try:
+                if rec.error is not None:
+                    raise rec.error
+                skeleton, repairs = normalize_conversation(rec.record)
+                if args.system_prompt and skeleton[0].role != SYSTEM:
+                    skeleton.insert(0, Turn(SYSTEM, args.system_prompt))
+            except BadRecord as e:
+                counts.skipped += 1
+                fail(rec, e, "skipped")
+                bar.update(1)
+                continue
+            await queue.put((rec, skeleton, repairs))
+            # Workers crash only on bugs; surface them now instead of after reading the whole input.
+            for w in workers:
+                if w.done() and w.exception():
+                    raise w.exception()
+        for _ in workers:
+            await queue.put(None)
+        await asyncio.gather(*workers)
+    bar.close()
+    for c in clients:
+        await c.close()
+    return inputs, counts
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    output_dir = Path(args.output_dir)
+    paths = ShardPaths.of(output_dir, args.shard_id, args.num_shards)
+    if paths.done.exists():
+        log.info("%s is already done (%s); nothing to do", shard_name(args.shard_id, args.num_shards), paths.done)
+        return EXIT_OK
+    output_dir.mkdir(parents=True, exist_ok=True)
+    already = done_ids(paths.output)
+    if already:
+        log.info("resuming: %d conversations already in %s", len(already), paths.output)
+    t0 = time.time()
+    inputs, c = asyncio.run(_run_shard(args, paths, already))
+    wall = time.time() - t0
+    summary = (f"input={inputs} written={c.written} skipped={c.skipped} errors={c.errors} "
+               f"retryable={c.retryable} completion_tokens={c.completion_tokens} wall={wall:.1f}s")
+    if c.retryable:
+        log.error("%s incomplete: %s; rerun the shard to retry the failed conversations", paths.output.name, summary)
+        return EXIT_RETRYABLE
+    if c.written + c.skipped + c.errors != inputs:
+        log.error("%s counts do not add up: %s", paths.output.name, summary)
+        return EXIT_FAILED
+    written_now = len(done_ids(paths.output))
+    if written_now != c.written:
+        log.error("%s holds %d conversations but %d were counted", paths.output, written_now, c.written)
+        return EXIT_FAILED
+    atomic_write_json(paths.done, {
+        "stage": "generate",
+        "shard_id": args.shard_id,
+        "num_shards": args.num_shards,
+        "counts": {"input": inputs, "written": c.written, "skipped": c.skipped, "errors": c.errors},
+        # Tokens of this attempt only: conversations resumed from an earlier attempt were counted there.
+        "tokens": {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
+        "wall_time_s": round(wall, 3),
+        "args": {k: v for k, v in vars(args).items() if k != "base_url"},
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    log.info("%s done: %s", paths.output.name, summary)
+    return EXIT_OK
+
+
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="server_generate.py",
+        description="Regenerate the assistant turns of a prompt dataset shard against an OpenAI-compatible server.",
+    )
+    p.add_argument("--input", required=True, help=".jsonl/.json file, a directory of them, or a datasets name")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--model", required=True, help="model name as served")
+    p.add_argument("--base-url", action="append", default=None,
+                   help="server URL ending in /v1; repeat to spread over several servers (default from "
+                        "DFLASHKIT_BASE_URLS, comma-separated)")
+    p.add_argument("--num-shards", type=int, default=None, help="default: from the Slurm array, else 1")
+    p.add_argument("--shard-id", type=int, default=None, help="default: from the Slurm array, else 0")
+    p.add_argument("--thinking-modes", type=_csv, default=[],
+                   help="comma list, e.g. enabled,disabled,adaptive; conversation i uses modes[i %% n]")
+    p.add_argument("--thinking-mode-key", default="thinking_mode", help="chat_template_kwargs key for the mode")
+    p.add_argument("--thinking-mode-map", type=_json_object, default={},
+                   help='JSON map from mode to the value sent, e.g. \'{"enabled": true, "disabled": false}\'')
+    p.add_argument("--chat-template-kwargs", type=_json_object, default={}, help="JSON object sent with every request")
+    p.add_argument("--think-tags", nargs=2, default=["<think>", "</think>"], metavar=("OPEN", "CLOSE"),
+                   help="tags wrapping reasoning the server returned separately")
+    p.add_argument("--output-format", choices=sorted(OUTPUT_KEY), default="oai")
+    p.add_argument("--on-length", choices=["keep", "drop"], default="keep",
+                   help="a reply cut by max_tokens: keep it (marked truncated) or drop the conversation")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system-prompt", default=None, help="added to conversations that have no system turn")
+    p.add_argument("--max-conversations", type=int, default=None, help="read only the first N input records")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on connection errors, 429 and 5xx")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.base_url is None:
+        urls = _csv(os.environ.get("DFLASHKIT_BASE_URLS", ""))
+        if not urls:
+            p.error("--base-url is required (or set DFLASHKIT_BASE_URLS)")
+        args.base_url = urls
+    if args.shard_id is None:
+        slurm = slurm_shard_defaults(args.num_shards)
+        args.shard_id, slurm_count = slurm if slurm else (0, 1)
+        args.num_shards = args.num_shards or slurm_count
+    elif args.num_shards is None:
+        p.error("--shard-id needs --num-shards")
+    if not 0 <= args.shard_id < args.num_shards:
+        p.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")
+    if args.concurrency < 1:
+        p.error("--concurrency must be >= 1")
+    unknown = set(args.thinking_mode_map) - set(args.thinking_modes)
+    if unknown:
+        p.error(f"--thinking-mode-map names modes not in --thinking-modes: {sorted(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai"):  # one line per request drowns the shard's own log
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
+    return run_shard(args)
