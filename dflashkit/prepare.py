@@ -178,3 +178,14 @@ def prepare(cache: Path | None = None) -> dict[str, Path]:
     for name, path in paths.items():
         log.info("%-8s %s", name, path)
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dflashkit prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=None, help="cache dir (default: $DFLASHKIT_CACHE or ~/.cache/dflashkit)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prepare(args.cache)
+    return 0

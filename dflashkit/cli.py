@@ -1,0 +1,39 @@
+"""The `dflashkit` command: one subcommand per entry of COMMANDS, each handled by a module's `main(argv) -> int`.
+
+The table holds only names, so `dflashkit --help` imports nothing heavy and each subcommand parses its own flags.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module exposing main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("dflashkit.prepare", "build the SmolLM2 HF model and the MT-Bench/ShareGPT prompt sets in the cache"),
+    "generate": ("dflashkit.generate", "run one generate shard against a running server (server_generate.py)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: dflashkit COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`dflashkit COMMAND --help` describes each command's flags."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dflashkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
