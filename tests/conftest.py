@@ -1,0 +1,81 @@
+"""Session fixtures: the prepared model and prompts, and one real vLLM (CPU) server shared by the integration tests.
+
+The server is the one `.ci/run` started when DFLASHKIT_TEST_VLLM_URL is set (with its key in
+DFLASHKIT_TEST_VLLM_KEY); otherwise the session starts its own with the same command line, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dflashkit import serve
+from dflashkit.prepare import prepare
+
+REPO = Path(__file__).resolve().parent.parent
+SERVED_NAME = "smollm2"
+THINKING_TEMPLATE = REPO / "configs" / "templates" / "smollm2-thinking.jinja"
+# What a CPU box needs to run vLLM (DEVELOPERS notes): fp32, no compile, one process.
+CPU_SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni",
+                   "--max-model-len", "4096"]
+CPU_SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@dataclasses.dataclass
+class Server:
+    url: str  # without /v1
+    api_key: str
+    model: str
+
+
+@pytest.fixture(scope="session")
+def prepared() -> dict[str, Path]:
+    return prepare()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(prepared, tmp_path_factory) -> Server:
+    if os.environ.get("DFLASHKIT_TEST_VLLM_URL"):
+        yield Server(os.environ["DFLASHKIT_TEST_VLLM_URL"], os.environ["DFLASHKIT_TEST_VLLM_KEY"], SERVED_NAME)
+        return
+    port = serve.free_port()
+    key = secrets.token_urlsafe(16)
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    cmd = serve.server_command("vllm", str(prepared["model"]), port, SERVED_NAME,
+                               extra_args=CPU_SERVER_ARGS + ["--chat-template", str(THINKING_TEMPLATE)])
+    env = {**os.environ, **CPU_SERVER_ENV, "VLLM_API_KEY": key}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        serve.wait_healthy(url, proc.pid, timeout=300, log=str(log))
+        yield Server(url, key, SERVED_NAME)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def worker_env(prepared):
+    """Builds the environment of a real worker.sh run on this CPU box, with overrides."""
+
+    def build(**overrides: str) -> dict[str, str]:
+        env = {**os.environ, **CPU_SERVER_ENV,
+               "PYTHON": sys.executable,
+               "MODEL": str(prepared["model"]),
+               "SERVED_MODEL_NAME": SERVED_NAME,
+               "SERVER_STARTUP_TIMEOUT": "300",
+               "VLLM_SERVE_EXTRA_ARGS": " ".join(CPU_SERVER_ARGS) + f" --chat-template '{THINKING_TEMPLATE}'"}
+        env.update(overrides)
+        return env
+
+    return build
