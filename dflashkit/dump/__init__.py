@@ -1,0 +1,15 @@
+"""Stage 2: hidden-state dumps. The reader side (`format`, `layers`) imports only torch; backends load lazily."""
+from .format import (  # noqa: F401  (the trainer's import surface)
+    DumpFormatError,
+    list_dump_records,
+    load_dump_record,
+    read_meta,
+    validate_dump_record,
+)
+from .layers import default_target_layer_ids  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .run import main as run_main
+
+    return run_main(argv)
