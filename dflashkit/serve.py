@@ -11,10 +11,15 @@ adds the key from the environment to its own in-process argv.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import runpy
+import secrets
 import shlex
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -116,6 +121,40 @@ def wait_healthy(url: str, pid: int | None, timeout: float, log: str | None = No
         if time.monotonic() >= deadline:
             raise RuntimeError(f"server at {url} not healthy after {timeout:.0f}s; log tail:\n{log_tail(log)}")
         time.sleep(interval)
+
+
+@dataclasses.dataclass
+class RunningServer:
+    url: str  # http://127.0.0.1:PORT, without /v1
+    api_key: str
+    model: str  # the served model name
+    pid: int
+
+
+@contextlib.contextmanager
+def running_server(backend: str, model: str, served_model_name: str, log_path: str | Path,
+                   extra_args: list[str] = (), env: dict[str, str] | None = None, tp: int = 1,
+                   timeout: float = 1800):
+    """Start a server on a free loopback port with a fresh key, wait until healthy, stop its process group on exit."""
+    port = free_port()
+    key = secrets.token_urlsafe(24)
+    cmd = server_command(backend, model, port, served_model_name, tp=tp, extra_args=list(extra_args))
+    full_env = {**os.environ, **(env or {}), api_key_env(backend): key}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc.pid, timeout, str(log_path))
+        yield RunningServer(url, key, served_model_name, proc.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _sglang_launch(argv: list[str]) -> None:

@@ -5,11 +5,7 @@ DFLASHKIT_TEST_VLLM_KEY); otherwise the session starts its own with the same com
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import secrets
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,41 +23,21 @@ CPU_SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--distributed-execu
 CPU_SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
-@dataclasses.dataclass
-class Server:
-    url: str  # without /v1
-    api_key: str
-    model: str
-
-
 @pytest.fixture(scope="session")
 def prepared() -> dict[str, Path]:
     return prepare()
 
 
 @pytest.fixture(scope="session")
-def vllm_server(prepared, tmp_path_factory) -> Server:
+def vllm_server(prepared, tmp_path_factory) -> serve.RunningServer:
     if os.environ.get("DFLASHKIT_TEST_VLLM_URL"):
-        yield Server(os.environ["DFLASHKIT_TEST_VLLM_URL"], os.environ["DFLASHKIT_TEST_VLLM_KEY"], SERVED_NAME)
+        yield serve.RunningServer(os.environ["DFLASHKIT_TEST_VLLM_URL"], os.environ["DFLASHKIT_TEST_VLLM_KEY"],
+                                  SERVED_NAME, pid=-1)
         return
-    port = serve.free_port()
-    key = secrets.token_urlsafe(16)
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    cmd = serve.server_command("vllm", str(prepared["model"]), port, SERVED_NAME,
-                               extra_args=CPU_SERVER_ARGS + ["--chat-template", str(THINKING_TEMPLATE)])
-    env = {**os.environ, **CPU_SERVER_ENV, "VLLM_API_KEY": key}
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        serve.wait_healthy(url, proc.pid, timeout=300, log=str(log))
-        yield Server(url, key, SERVED_NAME)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with serve.running_server("vllm", str(prepared["model"]), SERVED_NAME, log, env=CPU_SERVER_ENV, timeout=600,
+                              extra_args=CPU_SERVER_ARGS + ["--chat-template", str(THINKING_TEMPLATE)]) as server:
+        yield server
 
 
 @pytest.fixture
