@@ -80,10 +80,11 @@ def validate_dump_record(rec: Any, meta: dict | None = None, where: str = "recor
     return rec
 
 
-def load_dump_record(path: str | os.PathLike, meta: dict | None = None) -> dict:
-    """Load and validate one `<conversation_id>.pt`. Safe on untrusted files (weights_only)."""
+def load_dump_record(path: str | os.PathLike, meta: dict | None = None, mmap: bool = False) -> dict:
+    """Load and validate one `<conversation_id>.pt`. Safe on untrusted files (weights_only); `mmap` maps the tensors
+    instead of reading them (cheap checks of big files)."""
     try:
-        rec = torch.load(path, map_location="cpu", weights_only=True)
+        rec = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a torn or foreign file: say which, whatever torch raised
         raise DumpFormatError(f"{path}: not a loadable dump record ({type(e).__name__}: {e})") from e
     validate_dump_record(rec, meta, where=str(path))

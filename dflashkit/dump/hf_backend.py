@@ -1,0 +1,53 @@
+"""Transformers backend: the reference the vLLM dump is tested against, and fine for small models.
+
+One forward pass per conversation with output_hidden_states. Target layer k is `hidden_states[k + 1]`; the final state
+is the last decoder layer's output taken with a forward hook, because HF's `hidden_states[L]` is already normed.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+
+from .layers import hf_hidden_states_index
+
+log = logging.getLogger("dflashkit.dump")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+class HFBackend:
+    name = "hf"
+
+    def __init__(self, model: str, dtype: torch.dtype, target_layer_ids: list[int], device: str | None = None,
+                 trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+        self.target_layer_ids = target_layer_ids
+        self._last_layer_output: torch.Tensor | None = None
+        decoder_layers(self.model)[-1].register_forward_hook(self._keep_last_output)
+
+    def _keep_last_output(self, module, inputs, output) -> None:
+        self._last_layer_output = output[0] if isinstance(output, tuple) else output
+
+    @torch.inference_mode()
+    def hidden_states(self, items: list[tuple[str, list[int]]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Yield (id, final [T, H], aux [T, n*H]) on the CPU, in the model dtype."""
+        for cid, ids in items:
+            out = self.model(torch.tensor([ids], device=self.device), output_hidden_states=True, use_cache=False)
+            aux = torch.cat([out.hidden_states[hf_hidden_states_index(k)][0] for k in self.target_layer_ids], dim=-1)
+            final = self._last_layer_output[0]
+            yield cid, final.cpu(), aux.cpu()
+
+    def close(self) -> None:
+        self.model = None

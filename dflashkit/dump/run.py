@@ -1,0 +1,258 @@
+"""One dump shard: generated conversations -> `<id>.pt` hidden-state records + meta.json (docs/FORMATS.md).
+
+Shard k of n takes the generated records with `generation.index % n == k`. Every record of the shard lands exactly once:
+as a `.pt` file (written atomically; a rerun keeps the ones that load) or as one line in the shard's errors file. The
+done-marker is written last, only when written + skipped + errors == input. A backend failure (OOM, engine crash)
+stops the shard with exit 1 and no marker; the rerun resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..formats import BadRecord
+from ..generate.inputs import slurm_shard_defaults
+from ..io import JsonlAppender, atomic_write_json
+from ..templates import read_template, template_sha256
+from . import format as fmt
+from .layers import (
+    CONVENTION,
+    FINAL_STATE,
+    check_target_layer_ids,
+    default_target_layer_ids,
+    hidden_size,
+    num_hidden_layers,
+)
+from .records import iter_generated, record_messages
+from .tokenize import tokenize_conversation
+
+log = logging.getLogger("dflashkit.dump")
+
+EXIT_OK, EXIT_FAILED = 0, 1
+# Reasons that mean "the input breaks a rule" (kind skipped); anything else is kind error.
+SKIP_REASONS = {"too_long", "empty", "no_assistant_turn", "role_order", "missing_key", "bad_id", "duplicate_id",
+                "unknown_role", "non_text_content", "bad_type", "ambiguous"}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser(prog: str, backend: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Dump target-model hidden states for DFlash training.")
+    if backend is None:
+        p.add_argument("--backend", choices=["vllm", "hf"], required=True)
+    p.add_argument("--model", required=True, help="HF model dir or name")
+    p.add_argument("--input", required=True, help="generate output dir (shard-*.jsonl) or one .jsonl file")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--chat-template", required=True,
+                   help="training template (path or name under configs/templates/), e.g. smollm2-thinking-train")
+    p.add_argument("--tokenizer", default=None, help="default: --model")
+    p.add_argument("--max-seq-len", type=int, default=8192)
+    p.add_argument("--length-policy", choices=["skip", "truncate"], default="skip",
+                   help="a conversation over --max-seq-len tokens: skip it (error line) or cut it")
+    layers = p.add_mutually_exclusive_group()
+    layers.add_argument("--target-layer-ids", type=_ints, default=None, help="DFlash ids, e.g. 1,9,17,25,33")
+    layers.add_argument("--num-draft-layers", type=int, default=5,
+                        help="default target ids: DFlash spread of this many layers over [1, L-3]")
+    p.add_argument("--dtype", default="auto", choices=["auto", *fmt.DTYPES], help="auto: the config's dtype")
+    p.add_argument("--tp", type=int, default=1, help="tensor parallel size (vLLM)")
+    p.add_argument("--block-size", type=int, default=None, help="vLLM KV block size (MiniMax-M3: 128)")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--language-model-only", action="store_true", help="vLLM: load only the text model of a VL model")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="conversations per backend call (vllm 256, hf 1)")
+    p.add_argument("--num-shards", type=int, default=None, help="default: from the Slurm array, else 1")
+    p.add_argument("--shard-id", type=int, default=None, help="default: from the Slurm array, else 0")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str, backend: str | None) -> argparse.Namespace:
+    p = build_parser(prog, backend)
+    args = p.parse_args(argv)
+    if backend is not None:
+        args.backend = backend
+    if args.shard_id is None:
+        slurm = slurm_shard_defaults(args.num_shards)
+        args.shard_id, slurm_count = slurm if slurm else (0, 1)
+        args.num_shards = args.num_shards or slurm_count
+    elif args.num_shards is None:
+        p.error("--shard-id needs --num-shards")
+    if not 0 <= args.shard_id < args.num_shards:
+        p.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")
+    if args.max_seq_len < 2:
+        p.error("--max-seq-len must be >= 2")
+    args.batch_size = args.batch_size or (256 if args.backend == "vllm" else 1)
+    return args
+
+
+def resolve_model(args: argparse.Namespace) -> dict:
+    """Layer count, width, dtype and target ids from the model config; the static part of meta.json."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    n_layers, width = num_hidden_layers(config), hidden_size(config)
+    ids = args.target_layer_ids or default_target_layer_ids(n_layers, args.num_draft_layers)
+    check_target_layer_ids(ids, n_layers)
+    dtype = args.dtype
+    if dtype == "auto":
+        text_cfg = getattr(config, "text_config", None) or config
+        dtype = fmt.dtype_name(getattr(text_cfg, "dtype", None) or getattr(config, "dtype", None) or torch.float32)
+    if dtype not in fmt.DTYPES:
+        raise SystemExit(f"model dtype {dtype!r} is not one of {sorted(fmt.DTYPES)}; pass --dtype")
+    template_text = read_template(args.chat_template)
+    return {
+        "format": fmt.FORMAT_VERSION, "model": args.model, "backend": args.backend, "dtype": dtype,
+        "hidden_size": width, "num_hidden_layers": n_layers, "target_layer_ids": ids,
+        "layer_id_convention": CONVENTION, "final_state": FINAL_STATE, "max_seq_len": args.max_seq_len,
+        "length_policy": args.length_policy, "chat_template_sha256": template_sha256(template_text),
+        "chat_template": args.chat_template,
+    }
+
+
+def make_backend(args: argparse.Namespace, meta: dict):
+    if args.backend == "hf":
+        from .hf_backend import HFBackend
+
+        return HFBackend(args.model, fmt.DTYPES[meta["dtype"]], meta["target_layer_ids"],
+                         trust_remote_code=args.trust_remote_code)
+    from .vllm_backend import VLLMBackend
+
+    return VLLMBackend(args.model, meta["dtype"], meta["target_layer_ids"], meta["num_hidden_layers"],
+                       args.max_seq_len, args.output_dir, tp=args.tp, block_size=args.block_size,
+                       enforce_eager=args.enforce_eager, language_model_only=args.language_model_only,
+                       trust_remote_code=args.trust_remote_code, gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.input = self.written = self.skipped = self.errors = self.resumed = 0
+        self.tokens = self.loss_tokens = self.truncated = 0
+
+    def add_tokens(self, mask: torch.Tensor) -> None:
+        self.tokens += mask.numel()
+        self.loss_tokens += int(mask.sum())
+
+
+def run_shard(args: argparse.Namespace) -> int:
+    out_dir = Path(args.output_dir)
+    done = fmt.done_marker_path(out_dir, args.shard_id, args.num_shards)
+    stem = fmt.shard_stem(args.shard_id, args.num_shards)
+    if done.exists():
+        log.info("%s is already done (%s); nothing to do", stem, done)
+        return EXIT_OK
+    static = resolve_model(args)
+    log.info("target layers %s (%s); final state %s", static["target_layer_ids"], CONVENTION, FINAL_STATE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fmt.write_meta(out_dir, static)  # refuses a dir holding a different dump before any work
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    template = read_template(args.chat_template)
+    c = Counters()
+    t0 = time.time()
+    backend = None
+    seen: set[str] = set()
+    pending: list[tuple[str, list[int], list[int]]] = []
+    with JsonlAppender(fmt.errors_path(out_dir, args.shard_id, args.num_shards), truncate=True) as errors:
+
+        def fail(cid: str, source: str, exc: BadRecord) -> None:
+            kind = "skipped" if exc.reason in SKIP_REASONS else "error"
+            errors.write({"id": cid, "source": source, "stage": "dump", "kind": kind, "reason": exc.reason,
+                          "detail": exc.detail})
+            log.warning("%s (%s): %s %s: %s", cid, source, kind, exc.reason, exc.detail)
+            if kind == "skipped":
+                c.skipped += 1
+            else:
+                c.errors += 1
+
+        def flush() -> None:
+            nonlocal backend
+            if not pending:
+                return
+            if backend is None:
+                backend = make_backend(args, static)
+            masks = {cid: mask for cid, _, mask in pending}
+            inputs = {cid: ids for cid, ids, _ in pending}
+            for cid, final, aux in backend.hidden_states([(cid, ids) for cid, ids, _ in pending]):
+                rec = {"input_ids": torch.tensor(inputs[cid], dtype=torch.int64), "hidden_states": final,
+                       "aux_hidden_states": aux, "loss_mask": torch.tensor(masks[cid], dtype=torch.uint8),
+                       "conversation_id": cid}
+                fmt.save_dump_record(out_dir, rec)
+                c.written += 1
+                c.add_tokens(rec["loss_mask"])
+                progress.update(1)
+            pending.clear()
+
+        records = (r for r in iter_generated(args.input) if r.position % args.num_shards == args.shard_id)
+        progress = tqdm(desc=stem, unit="conv", disable=args.no_progress)
+        try:
+            for rec in records:
+                c.input += 1
+                if rec.id in seen:
+                    fail(rec.id, rec.source, BadRecord("duplicate_id", f"id {rec.id!r} already seen in this shard"))
+                    continue
+                seen.add(rec.id)
+                if rec.error is not None:
+                    fail(rec.id, rec.source, rec.error)
+                    continue
+                path = out_dir / (rec.id + fmt.RECORD_SUFFIX)
+                if path.exists():
+                    try:
+                        old = fmt.load_dump_record(path, static, mmap=True)
+                        c.written += 1
+                        c.resumed += 1
+                        c.add_tokens(old["loss_mask"])
+                        progress.update(1)
+                        continue
+                    except fmt.DumpFormatError as e:
+                        log.warning("%s: redoing an unusable earlier file: %s", rec.id, e)
+                try:
+                    tok = tokenize_conversation(tokenizer, record_messages(rec.record), rec.template_kwargs,
+                                                template, args.max_seq_len, args.length_policy)
+                except BadRecord as e:
+                    fail(rec.id, rec.source, e)
+                    continue
+                if tok.truncated_from is not None:
+                    c.truncated += 1
+                    log.info("%s: truncated from %d to %d tokens", rec.id, tok.truncated_from, len(tok.input_ids))
+                pending.append((rec.id, tok.input_ids, tok.loss_mask))
+                if len(pending) >= args.batch_size:
+                    flush()
+            flush()
+        finally:
+            progress.close()
+            if backend is not None:
+                backend.close()
+    wall = time.time() - t0
+    summary = (f"input={c.input} written={c.written} (resumed {c.resumed}) skipped={c.skipped} errors={c.errors} "
+               f"tokens={c.tokens} loss_tokens={c.loss_tokens} truncated={c.truncated} wall={wall:.1f}s")
+    if c.written + c.skipped + c.errors != c.input:
+        log.error("%s counts do not add up: %s", stem, summary)
+        return EXIT_FAILED
+    atomic_write_json(done, {
+        "stage": "dump", "shard_id": args.shard_id, "num_shards": args.num_shards,
+        "counts": {"input": c.input, "written": c.written, "skipped": c.skipped, "errors": c.errors,
+                   "resumed": c.resumed},
+        "tokens": {"total": c.tokens, "loss": c.loss_tokens, "truncated": c.truncated},
+        "wall_time_s": round(wall, 3), "args": vars(args), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    fmt.write_meta(out_dir, static)  # refresh the counts with this shard's marker
+    log.info("%s done: %s", stem, summary)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None, backend: str | None = None, prog: str = "dflashkit dump") -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv, prog, backend)
+    log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
+    return run_shard(args)

@@ -1,0 +1,47 @@
+"""A generated conversation -> (input_ids, loss_mask) under the training template, with the length policy.
+
+The thinking mode is replayed by passing the record's `generation.chat_template_kwargs` (exactly what the server got)
+to the training template. The mask is the template's assistant mask (its {% generation %} spans); it must hold one
+span per assistant turn (else the template and the data disagree) and must be neither all zeros nor all ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ..formats import BadRecord
+from ..templates import assistant_spans, render_training
+
+
+@dataclasses.dataclass
+class Tokenized:
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated_from: int | None = None  # original length when the truncate policy cut it
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], template_kwargs: dict, template: str, max_seq_len: int,
+                          length_policy: str) -> Tokenized:
+    try:
+        ids, mask = render_training(tokenizer, messages, template, template_kwargs)
+    except BadRecord:
+        raise
+    except Exception as e:  # a jinja error or raise_exception in the template: this record only
+        raise BadRecord("template_error", f"{type(e).__name__}: {e}") from e
+    num_replies = sum(m["role"] == "assistant" for m in messages)
+    spans = assistant_spans(mask)
+    if len(spans) != num_replies:
+        raise BadRecord("span_mismatch", f"{len(spans)} generation spans for {num_replies} assistant turns: "
+                                         "run `dflashkit check-template` on this template")
+    truncated_from = None
+    if len(ids) > max_seq_len:
+        if length_policy == "skip":
+            raise BadRecord("too_long", f"{len(ids)} tokens > --max-seq-len {max_seq_len}")
+        truncated_from = len(ids)
+        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+    ones = sum(mask)
+    if ones == 0:
+        raise BadRecord("mask_all_zero", f"no assistant-output token in {len(ids)} tokens"
+                        + (f" (truncated from {truncated_from})" if truncated_from else ""))
+    if ones == len(ids):
+        raise BadRecord("mask_all_one", f"all {len(ids)} tokens are assistant output: the template marks the prompt")
+    return Tokenized(ids, mask, truncated_from)
