@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,25 +66,34 @@ def _records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadReco
                 yield src, None, BadRecord("bad_json", f"{src}: {e}")
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (path / "state.json").exists() and (path / "dataset_info.json").exists()
+
+
 def _raw_records(spec: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
     path = Path(spec)
-    if path.exists():
-        files = _source_files(path)
-        root = path if path.is_dir() else path.parent
-        for f in files:
-            yield from _records_of_file(f, str(f.relative_to(root)))
-        return
-    # Not a path: a `datasets` hub name (offline clusters mirror these; a failure says so clearly).
-    import datasets  # only needed for this input kind
+    if not path.exists() and path.suffix in INPUT_SUFFIXES:
+        raise FileNotFoundError(f"{spec}: no such file")
+    if _is_saved_dataset(path) or not path.exists():
+        # A `datasets` folder written by save_to_disk, or a hub name (offline clusters mirror these; a failure to
+        # resolve it says so clearly).
+        import datasets  # only needed for this input kind
 
-    ds = datasets.load_dataset(spec, split="train")
-    for i, rec in enumerate(ds):
-        yield f"{spec}[{i}]", dict(rec), None
+        ds = datasets.load_from_disk(spec) if path.exists() else datasets.load_dataset(spec, split="train")
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"]
+        for i, rec in enumerate(ds):
+            yield f"{path.name}[{i}]", dict(rec), None
+        return
+    files = _source_files(path)
+    root = path if path.is_dir() else path.parent
+    for f in files:
+        yield from _records_of_file(f, str(f.relative_to(root)))
 
 
 def _default_id(source: str) -> str:
-    # "dir/file.jsonl:17" -> "dir_file-17"-like stable name; safe_id makes it a file name.
-    return source.replace(".jsonl:", "-").replace(".json[", "-").rstrip("]")
+    # "dir/f.jsonl:17" -> "dir/f-17", "f.json[3]" / "name[3]" -> "f-3" / "name-3"; safe_id then makes it a file name.
+    return re.sub(r"\.jsonl:|\.json\[|\[", "-", source).rstrip("]")
 
 
 def iter_inputs(spec: str) -> Iterator[InputRecord]:

@@ -74,9 +74,13 @@ def test_worker_two_shards_thinking_modes(prompt_dir, tmp_path, worker_env, vllm
         VLLM_SERVE_EXTRA_ARGS=base["VLLM_SERVE_EXTRA_ARGS"].rsplit("--chat-template", 1)[0]
         + f"--chat-template '{spaced}'",
     )
-    for shard in ("0", "1"):
-        res = run_worker({**env, "SHARD_ID": shard}, "--", "--no-progress")
+    # Shard 1 runs two servers in its task, as small-TP models do on an 8-GPU node; the client spreads over both.
+    for shard, servers in (("0", "1"), ("1", "2")):
+        res = run_worker({**env, "SHARD_ID": shard, "SERVERS_PER_NODE": servers}, "--", "--no-progress")
         assert res.returncode == 0, res.stderr[-3000:]
+    for i in range(2):
+        server_log = (out / "logs" / f"server-local_1-{i}.log").read_text()
+        assert "POST /v1/chat/completions" in server_log
 
     inputs = jsonl(prompt_dir / "a_mtbench.jsonl") + jsonl(prompt_dir / "b_sharegpt.jsonl")
     records = []

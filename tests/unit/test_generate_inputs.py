@@ -67,3 +67,17 @@ def test_shards_partition_the_input():
 )
 def test_slurm_shard_defaults(env, num_shards, expected):
     assert slurm_shard_defaults(num_shards, env) == expected
+
+
+def test_saved_datasets_folder_is_read_as_a_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    recs = list(iter_inputs(str(tmp_path / "saved")))
+    assert [r.record["messages"][0]["content"] for r in recs] == ["q0", "q1", "q2"]
+    assert [r.id for r in recs] == ["saved-0", "saved-1", "saved-2"]
+
+
+def test_missing_input_file_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(iter_inputs(str(tmp_path / "nope.jsonl")))
