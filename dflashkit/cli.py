@@ -7,12 +7,15 @@ from __future__ import annotations
 import importlib
 import sys
 
-# subcommand -> (module exposing main(argv), one-line help)
+# subcommand -> (module exposing main(argv), or "module:function" for another entry, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dflashkit.prepare", "build the SmolLM2 HF model and the MT-Bench/ShareGPT prompt sets in the cache"),
     "generate": ("dflashkit.generate", "run one generate shard against a running server (server_generate.py)"),
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
     "check-template": ("dflashkit.templates", "prove a training template's tokens and generation spans are exact"),
+    "submit": ("dflashkit.slurm:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
+    "status": ("dflashkit.slurm:status_main", "per stage and shard of a run: done/failed/running/pending/missing"),
+    "rerun": ("dflashkit.slurm:rerun_main", "resubmit exactly the failed and missing shards of a stage"),
 }
 
 
@@ -33,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"dflashkit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest) or 0
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function or "main")(rest) or 0
 
 
 if __name__ == "__main__":
