@@ -48,7 +48,7 @@ def run_stage(run_dir: Path, manifest: dict, job: StageJob, indices: list[int], 
                 shard = queue.pop(0)
                 log_path = job.log_path(run_dir, job_id, shard)
                 log_path.parent.mkdir(parents=True, exist_ok=True)
-                out = open(log_path, "ab")
+                out = open(log_path, "ab")  # noqa: SIM115 (held by the task; closed when it ends)
                 # Its own session: an interrupt stops the task's whole process group (servers included).
                 proc = subprocess.Popen(["bash", str(job.script), *job.args], env=task_env(job, shard), stdout=out,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -28,8 +28,18 @@ from pathlib import Path
 
 from .config import ConfigError, from_dict
 from .recipe import STAGES, Recipe, load_recipe
-from .rundir import (ManifestError, StageJob, StageUnavailable, load_manifest, now, open_run, prepare_stage,
-                     save_manifest, stage_job, stage_record)
+from .rundir import (
+    ManifestError,
+    StageJob,
+    StageUnavailable,
+    load_manifest,
+    now,
+    open_run,
+    prepare_stage,
+    save_manifest,
+    stage_job,
+    stage_record,
+)
 
 log = logging.getLogger("dflashkit.slurm")
 
@@ -145,7 +155,7 @@ def _run(cmd: list[str]) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         log.warning("%s timed out", cmd[0])
         return None
@@ -228,12 +238,13 @@ def errors_summary(path: Path | None) -> str | None:
 
 
 def _failure_reason(job: StageJob, shard: int, slurm_state: str | None, exit_code: int | None,
-                    signal: int | None, log_path: Path) -> str:
+                    signal: int | None, log_path: Path, slurm_reason: str | None = None) -> str:
     parts = []
     if slurm_state == "COMPLETED" or (slurm_state is None and exit_code == 0):
         parts.append("exited 0 without its done-marker")
     elif slurm_state:
-        parts.append(slurm_state + (f" exit {exit_code}" if exit_code else "") + (f" signal {signal}" if signal else ""))
+        parts.append(slurm_state + (f" exit {exit_code}" if exit_code else "") + (f" signal {signal}" if signal else "")
+                     + (f" ({slurm_reason})" if slurm_reason else ""))
     elif exit_code is not None:
         parts.append(f"exit {exit_code}" if exit_code >= 0 else f"killed by signal {-exit_code}")
     if exit_code == EXIT_RETRYABLE and job.stage == "generate":
@@ -295,7 +306,7 @@ def stage_status(run_dir: Path, manifest: dict, recipe: Recipe, stage: str,
                     st.state, st.reason = ACTIVE[t.state], t.reason
                 else:
                     st.state = "failed"
-                    st.reason = _failure_reason(job, shard, t.state, t.exit_code, t.signal, log_path)
+                    st.reason = _failure_reason(job, shard, t.state, t.exit_code, t.signal, log_path, t.reason)
         else:  # local
             task = sub.get("tasks", {}).get(str(shard))
             alive = _pid_alive(sub.get("pid"))
@@ -394,7 +405,7 @@ def sbatch_command(job: StageJob, run_dir: Path, run_name: str, indices: list[in
 
 
 def sbatch(cmd: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout.strip().split(";")[0]  # --parsable: "jobid[;cluster]"

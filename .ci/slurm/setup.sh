@@ -48,6 +48,11 @@ for ((g = 0; g < FAKE_GPUS; g++)); do
   [[ -c /dev/fakegpu$g ]] || mknod -m 666 "/dev/fakegpu$g" c 1 3
 done
 
+# Node names resolve like on a real cluster (train.sbatch rendezvouses on the first node's name).
+if ! grep -Eq '^127\.0\.0\.1\s.*\bn1\b' /etc/hosts; then
+  echo "127.0.0.1 n1 n2" >>/etc/hosts || say "warning: cannot add n1/n2 to /etc/hosts; multi-node rendezvous will fail"
+fi
+
 # --- configs --------------------------------------------------------------------------------------------------
 changed=0
 # write_if_changed PATH MODE: stdin -> PATH, only when the content differs (a rerun must not reconfigure for nothing).

@@ -3,14 +3,22 @@ rerun index lists, sbatch command lines."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from dflashkit.recipe import ROOT, load_recipe
 from dflashkit.rundir import StageUnavailable, open_run, stage_job
-from dflashkit.slurm import (TaskState, array_spec, errors_summary, expand_indices, log_tail_reason, parse_sacct,
-                             parse_squeue, rerun_indices, sbatch_command, stage_status)
+from dflashkit.slurm import (
+    array_spec,
+    errors_summary,
+    expand_indices,
+    log_tail_reason,
+    parse_sacct,
+    parse_squeue,
+    rerun_indices,
+    sbatch_command,
+    stage_status,
+)
 
 DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 
@@ -146,7 +154,7 @@ def test_log_tail_reason_and_errors_summary(tmp_path):
 
 
 def test_sbatch_command_lines(run):
-    recipe, run_dir, manifest, job = run
+    recipe, run_dir, _, job = run
     cmd = sbatch_command(job, run_dir, "demo", [3, 7, 12], ["41"])
     assert "--array=3,7,12%2" in cmd and "--gres=gpu:1" in cmd and "--requeue" in cmd
     assert "--dependency=afterok:41" in cmd and "--kill-on-invalid-dep=yes" in cmd

@@ -1,0 +1,231 @@
+"""The stages on a real Slurm cluster (.ci/slurm/setup.sh: two nodes n1/n2 on this host, fake GPUs, accounting).
+
+One generate run of 4 shards against CPU vLLM (each task starts its own server through worker.sh), with the dump
+chained after it. Shard 2 is cancelled mid-generation: status names it failed with the reason, the dump is cancelled
+by its never-satisfiable dependency, the cancelled shard's partial file is resumable, and `rerun` resubmits exactly
+that index and chains the dump again. The local executor then repeats the generate run without Slurm and must give
+identical records. Plus the 2-node torch.distributed check through slurm/train.sbatch (srun + torchrun, gloo).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dflashkit.io import iter_jsonl
+from dflashkit.recipe import ROOT
+
+pytestmark = pytest.mark.integration
+
+DEMO = ROOT / "configs" / "smollm2-demo.yaml"
+NUM_SHARDS, NUM_CONVERSATIONS, VICTIM = 4, 12, 2
+# Small and deterministic: greedy, one request at a time per shard (same batches, same numbers on every run).
+GENERATE = [f"generate.num_shards={NUM_SHARDS}", f"generate.max_conversations={NUM_CONVERSATIONS}",
+            "generate.max_tokens=16", "generate.temperature=0.0", "generate.seed=0", "generate.concurrency=1",
+            "generate.server_startup_timeout=400", "generate.slurm.throttle=2", "generate.slurm.time=00:20:00",
+            "run.local_parallel=2", "dump.num_shards=1", "dump.slurm.gpus_per_task=0"]
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "Slurm client tools are not installed (run `bash .ci/slurm/setup.sh` as root)"
+    proc = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix,alloc", "-o", "%N"], capture_output=True, text=True,
+                          check=False)
+    nodes = set(proc.stdout.split())
+    if proc.returncode != 0 or len(nodes) < 2:
+        return f"no 2-node Slurm cluster up (sinfo: {proc.stdout.strip() or proc.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+def dflashkit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "dflashkit.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dflashkit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads(dflashkit("status", str(run_dir), "--json", check=False).stdout)
+
+
+def shard_states(st: dict, stage: str) -> list[str]:
+    return [s["state"] for s in st["stages"][stage]["shards"]]
+
+
+def wait_until(what: str, predicate, timeout: float = 420, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def settled(run_dir: Path) -> dict | None:
+    st = status(run_dir)
+    active = [s for stage in st["stages"].values() for s in stage["shards"] if s["state"] in ("running", "pending")]
+    return None if active else st
+
+
+def sacct_job(job_id: str) -> dict:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "JobID,State,Start,End,Reason"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return {r[0]: {"state": r[1].split()[0], "start": r[2], "end": r[3], "reason": r[4]} for r in rows}
+
+
+def records(out_dir: Path) -> dict[str, dict]:
+    recs: dict[str, dict] = {}
+    for path in sorted(out_dir.glob("shard-*-of-*.jsonl")):
+        if path.name.endswith(".errors.jsonl"):
+            continue
+        for _, rec in iter_jsonl(path):
+            assert rec["id"] not in recs, f"{rec['id']} appears twice"
+            recs[rec["id"]] = rec
+    return recs
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, prepared, tmp_path_factory):
+    """The generate+dump run on Slurm, with shard VICTIM cancelled mid-shard, then rerun. Returns what each step saw."""
+    run_dir = tmp_path_factory.mktemp("slurm") / "run"
+    seen: dict = {"run_dir": run_dir}
+    dflashkit("submit", "--recipe", str(DEMO), "--stages", "generate,dump", f"run.dir={run_dir}", *GENERATE)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    gen_job = manifest["stages"]["generate"]["submissions"][0]["job_id"]
+    dump_job = manifest["stages"]["dump"]["submissions"][0]["job_id"]
+    seen["first_dump_job"] = dump_job
+    assert manifest["stages"]["dump"]["submissions"][0]["dependency"] == [gen_job]
+
+    # Cancel the victim once it has written at least one conversation: it dies mid-shard, like a preempted task.
+    victim_file = run_dir / "generate" / f"shard-{VICTIM:05d}-of-{NUM_SHARDS:05d}.jsonl"
+    wait_until("a conversation in the victim shard",
+               lambda: victim_file.exists() and victim_file.read_bytes().count(b"\n") >= 1, every=0.05)
+    subprocess.run(["scancel", f"{gen_job}_{VICTIM}"], check=True)
+    seen["failed_status"] = wait_until("generate to settle", lambda: settled(run_dir), every=2)
+    seen["failed_table"] = dflashkit("status", str(run_dir), check=False)
+    seen["victim_lines_after_cancel"] = sum(1 for _ in iter_jsonl(victim_file))
+    seen["first_dump_sacct"] = sacct_job(dump_job)
+
+    seen["rerun"] = dflashkit("rerun", str(run_dir), "--stage", "generate")
+    seen["manifest_after_rerun"] = json.loads((run_dir / "manifest.json").read_text())
+    seen["final_status"] = wait_until("the rerun and the dump", lambda: settled(run_dir), every=2)
+    seen["final_table"] = dflashkit("status", str(run_dir), "--all", check=False)
+    return seen
+
+
+def test_cancelled_shard_is_reported_failed_with_reason(slurm_run):
+    st = slurm_run["failed_status"]
+    states = shard_states(st, "generate")
+    assert states == ["done" if k != VICTIM else "failed" for k in range(NUM_SHARDS)], slurm_run["failed_table"].stdout
+    victim = st["stages"]["generate"]["shards"][VICTIM]
+    assert victim["slurm_state"] == "CANCELLED" and "CANCELLED" in victim["reason"]
+    assert victim["log"] and Path(victim["log"]).exists()
+    assert st["stages"]["generate"]["counts"] == {"done": 3, "failed": 1, "running": 0, "pending": 0, "missing": 0}
+    assert slurm_run["failed_table"].returncode == 1  # status exits non-zero while a shard failed
+    assert "CANCELLED" in slurm_run["failed_table"].stdout
+
+
+def test_dump_never_starts_after_a_failed_generate(slurm_run):
+    (row,) = slurm_run["first_dump_sacct"].values()
+    assert row["state"] == "CANCELLED" and row["start"] in ("Unknown", "None", "")  # killed, never ran
+    assert "Dependency" in row["reason"] or row["reason"] == "None"
+    assert shard_states(slurm_run["failed_status"], "dump") == ["failed"]
+
+
+def test_cancelled_shard_left_a_resumable_partial_file(slurm_run):
+    n = slurm_run["victim_lines_after_cancel"]
+    assert 1 <= n < NUM_CONVERSATIONS // NUM_SHARDS  # cut mid-shard, whole lines only
+    run_dir = slurm_run["run_dir"]
+    rerun_job = slurm_run["manifest_after_rerun"]["stages"]["generate"]["submissions"][-1]["job_id"]
+    log = (run_dir / "logs" / f"generate-{rerun_job}_{VICTIM}.out").read_text()
+    assert f"resuming: {n} conversations already in" in log
+
+
+def test_rerun_resubmits_only_the_failed_index_and_rechains_the_dump(slurm_run):
+    subs = slurm_run["manifest_after_rerun"]["stages"]
+    assert subs["generate"]["submissions"][-1]["indices"] == [VICTIM]
+    assert f"--array={VICTIM}%2" in subs["generate"]["submissions"][-1]["command"]
+    new_dump = subs["dump"]["submissions"][-1]
+    assert new_dump["job_id"] != slurm_run["first_dump_job"]
+    assert new_dump["dependency"] == [subs["generate"]["submissions"][-1]["job_id"]]
+    assert "rerunning shard(s) 2" in slurm_run["rerun"].stdout
+
+
+def test_after_rerun_every_shard_is_done_complete_and_unique(slurm_run):
+    st = slurm_run["final_status"]
+    assert shard_states(st, "generate") == ["done"] * NUM_SHARDS, slurm_run["final_table"].stdout
+    assert shard_states(st, "dump") == ["done"], slurm_run["final_table"].stdout
+    recs = records(slurm_run["run_dir"] / "generate")
+    assert len(recs) == NUM_CONVERSATIONS
+    assert sorted(r["generation"]["index"] for r in recs.values()) == list(range(NUM_CONVERSATIONS))
+    written = sum(s["counts"]["written"] for s in st["stages"]["generate"]["shards"])
+    assert written == NUM_CONVERSATIONS
+
+
+def test_dump_ran_only_after_generate_finished(slurm_run):
+    subs = slurm_run["manifest_after_rerun"]["stages"]
+    gen = sacct_job(subs["generate"]["submissions"][-1]["job_id"])
+    dump = sacct_job(subs["dump"]["submissions"][-1]["job_id"])
+    gen_end = max(r["end"] for r in gen.values())
+    (dump_row,) = dump.values()
+    assert dump_row["state"] == "COMPLETED" and dump_row["start"] >= gen_end  # ISO times compare as strings
+
+
+def test_local_executor_gives_identical_records(slurm_run, tmp_path, monkeypatch):
+    run_dir = tmp_path / "local"
+    proc = dflashkit("submit", "--recipe", str(DEMO), "--stages", "generate", "--executor", "local",
+                     f"run.dir={run_dir}", *GENERATE)
+    assert "executor local" in proc.stdout
+    st = status(run_dir)
+    assert shard_states(st, "generate") == ["done"] * NUM_SHARDS
+    local, slurm = records(run_dir / "generate"), records(slurm_run["run_dir"] / "generate")
+    assert local.keys() == slurm.keys()
+    for cid in slurm:
+        assert local[cid] == slurm[cid], cid
+
+
+def test_two_node_allreduce_through_train_sbatch(cluster, tmp_path):
+    """slurm/train.sbatch on 2 nodes (one torchrun per node, rendezvous on the first node): a gloo all-reduce in
+    place of the trainer, as train.sbatch runs whatever TRAIN_ENTRY names."""
+    check = tmp_path / "allreduce_check.py"
+    check.write_text(
+        "import json, os, sys, torch, torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\n"
+        "t = torch.tensor([float(dist.get_rank() + 1)])\n"
+        "dist.all_reduce(t)\n"
+        "out = {'rank': dist.get_rank(), 'world': dist.get_world_size(), 'sum': t.item(),\n"
+        "       'node': os.environ['SLURMD_NODENAME'], 'steps': sys.argv[1:]}\n"
+        "open(os.path.join(os.environ['CHECK_DIR'], f\"rank{dist.get_rank()}.json\"), 'w').write(json.dumps(out))\n"
+        "dist.destroy_process_group()\n")
+    env = {**os.environ, "PYTHON": sys.executable, "DFLASHKIT_ROOT": str(ROOT), "TRAIN_ENTRY": str(check),
+           "CHECK_DIR": str(tmp_path), "NPROC_PER_NODE": "1", "DONE_MARKER": str(tmp_path / "done.json")}
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--time=00:05:00", f"--output={tmp_path}/train-%j.out",
+                          str(ROOT / "slurm" / "train.sbatch"), "--steps", "3"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    wait_until("the 2-node job", lambda: (tmp_path / "done.json").exists() or
+               sacct_job(job).get(job, {}).get("state") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+               timeout=240, every=1)
+    log = (tmp_path / f"train-{job}.out").read_text()
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["sum"] for r in results] == [3.0, 3.0], log
+    assert {r["world"] for r in results} == {2}
+    assert {r["node"] for r in results} == {"n1", "n2"}  # one process on each node
+    assert results[0]["steps"] == ["--steps", "3"]  # the script's arguments reach the entry
+    assert "rendezvous n1:" in log
+    assert json.loads((tmp_path / "done.json").read_text())["job_id"] == job
