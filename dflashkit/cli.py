@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dflashkit.generate", "run one generate shard against a running server (server_generate.py)"),
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
     "check-template": ("dflashkit.templates", "prove a training template's tokens and generation spans are exact"),
+    "plan-dump": ("dflashkit.dump.plan", "disk of a hidden-state dump (per token, per conversation, total) from a model config"),
     "submit": ("dflashkit.slurm:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
     "status": ("dflashkit.slurm:status_main", "per stage and shard of a run: done/failed/running/pending/missing"),
     "rerun": ("dflashkit.slurm:rerun_main", "resubmit exactly the failed and missing shards of a stage"),

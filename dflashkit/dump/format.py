@@ -97,7 +97,10 @@ def save_dump_record(directory: str | os.PathLike, rec: dict) -> Path:
     """Validate and write `<conversation_id>.pt` atomically: a file under its final name is always complete."""
     validate_dump_record(rec, where=f"record {rec.get('conversation_id')!r}")
     buf = io.BytesIO()
-    torch.save({k: rec[k] for k in RECORD_KEYS}, buf)
+    # torch.save writes a view's whole storage: a slice of a bigger capture buffer would silently bloat the file.
+    compact = {k: v.clone() if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes() != v.numel() * v.element_size()
+               else v for k, v in ((k, rec[k]) for k in RECORD_KEYS)}
+    torch.save(compact, buf)
     path = Path(directory) / (rec["conversation_id"] + RECORD_SUFFIX)
     atomic_write_bytes(path, buf.getvalue())
     return path

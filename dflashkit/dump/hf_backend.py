@@ -44,7 +44,8 @@ class HFBackend:
     def hidden_states(self, items: list[tuple[str, list[int]]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Yield (id, final [T, H], aux [T, n*H]) on the CPU, in the model dtype."""
         for cid, ids in items:
-            out = self.model(torch.tensor([ids], device=self.device), output_hidden_states=True, use_cache=False)
+            out = self.model(torch.tensor([ids], device=self.device), output_hidden_states=True, use_cache=False,
+                             logits_to_keep=1)  # logits are not needed: skip the vocab projection
             aux = torch.cat([out.hidden_states[hf_hidden_states_index(k)][0] for k in self.target_layer_ids], dim=-1)
             final = self._last_layer_output[0]
             yield cid, final.cpu(), aux.cpu()

@@ -96,3 +96,15 @@ def test_default_layer_ids_and_wrapped_configs():
         check_target_layer_ids([5, 1], 30)
     with pytest.raises(ValueError, match="lie in"):
         check_target_layer_ids([1, 29], 30)
+
+
+def test_views_of_a_bigger_buffer_are_saved_compactly(tmp_path):
+    """A backend slicing [T, n+1, H] capture buffers must not write the whole buffer into each record."""
+    rec = make_record(t=6, h=4, n=2)
+    big = torch.randn(6, 3, 4)
+    rec["aux_hidden_states"] = big[:, :-1].reshape(6, -1)  # a view: its storage is the whole buffer
+    assert rec["aux_hidden_states"].untyped_storage().nbytes() == big.numel() * 4
+    path = fmt.save_dump_record(tmp_path, rec)
+    again = fmt.load_dump_record(path)
+    assert torch.equal(again["aux_hidden_states"], rec["aux_hidden_states"])
+    assert again["aux_hidden_states"].untyped_storage().nbytes() == 6 * 8 * 4
