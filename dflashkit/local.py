@@ -42,6 +42,11 @@ def run_stage(run_dir: Path, manifest: dict, job: StageJob, indices: list[int], 
 
     queue = list(indices)
     running: dict[int, tuple[subprocess.Popen, object]] = {}
+
+    def terminated(signum, frame):  # SIGTERM (scancel of an enclosing job, kill): stop the tasks as on Ctrl-C
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         while queue or running:
             while queue and len(running) < parallel:
@@ -82,6 +87,8 @@ def run_stage(run_dir: Path, manifest: dict, job: StageJob, indices: list[int], 
             tasks[str(shard)].update(exit_code=proc.returncode, ended_at=now())
         save_manifest(run_dir, manifest)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     ok = all(tasks[str(k)]["exit_code"] == 0 and job.marker(k).exists() for k in indices)
     if ok and all(job.marker(k).exists() for k in range(job.num_shards)):
         rec["ended_at"] = now()

@@ -49,6 +49,9 @@ ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending"
           "RESV_DEL_HOLD": "pending", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
           "SUSPENDED": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running",
           "STOPPED": "running"}
+# Reasons a job had while it waited in the queue: sacct keeps the last one, which says nothing about why it ended.
+QUEUE_REASONS = {"JobArrayTaskLimit", "Priority", "Resources", "BeginTime", "Dependency", "None",
+                 "QOSMaxJobsPerUserLimit", "AssocMaxJobsLimit", "ReqNodeNotAvail"}
 EXIT_RETRYABLE = 75  # server_generate.py: some conversations failed retryably; a rerun finishes them
 
 
@@ -244,7 +247,7 @@ def _failure_reason(job: StageJob, shard: int, slurm_state: str | None, exit_cod
         parts.append("exited 0 without its done-marker")
     elif slurm_state:
         parts.append(slurm_state + (f" exit {exit_code}" if exit_code else "") + (f" signal {signal}" if signal else "")
-                     + (f" ({slurm_reason})" if slurm_reason else ""))
+                     + (f" ({slurm_reason})" if slurm_reason and slurm_reason not in QUEUE_REASONS else ""))
     elif exit_code is not None:
         parts.append(f"exit {exit_code}" if exit_code >= 0 else f"killed by signal {-exit_code}")
     if exit_code == EXIT_RETRYABLE and job.stage == "generate":

@@ -77,6 +77,13 @@ def wait_until(what: str, predicate, timeout: float = 420, every: float = 0.2):
 
 
 def settled(run_dir: Path) -> dict | None:
+    """The run's status once no job of it is queued or running. Polls squeue (cheap: the cores are shared with the
+    servers under test), then asks `dflashkit status` once."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    ids = ",".join(sub["job_id"] for stage in manifest["stages"].values() for sub in stage["submissions"])
+    queued = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i"], capture_output=True, text=True, check=False)
+    if queued.returncode == 0 and queued.stdout.strip():  # non-zero: ids the controller has already forgotten
+        return None
     st = status(run_dir)
     active = [s for stage in st["stages"].values() for s in stage["shards"] if s["state"] in ("running", "pending")]
     return None if active else st
@@ -126,6 +133,8 @@ def slurm_run(cluster, prepared, tmp_path_factory):
     seen["manifest_after_rerun"] = json.loads((run_dir / "manifest.json").read_text())
     seen["final_status"] = wait_until("the rerun and the dump", lambda: settled(run_dir), every=2)
     seen["final_table"] = dflashkit("status", str(run_dir), "--all", check=False)
+    print(f"status before the rerun:\n{seen['failed_table'].stdout}\n{seen['rerun'].stdout}\n"
+          f"status after:\n{seen['final_table'].stdout}")  # shown with pytest -rP
     return seen
 
 
