@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "submit": ("dflashkit.slurm:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
     "status": ("dflashkit.slurm:status_main", "per stage and shard of a run: done/failed/running/pending/missing"),
     "rerun": ("dflashkit.slurm:rerun_main", "resubmit exactly the failed and missing shards of a stage"),
+    "plan": ("dflashkit.plan", "a recipe's shards, disk per stage and GPU-hours (from BENCHMARKS.md), before submitting"),
 }
 
 

@@ -10,6 +10,8 @@ replaced by the environment variable at load time (never evaluated); `DFLASHKIT_
 The generate section's keys are worker.sh's variables in lower case (docs: README, "Generate"); a key left null keeps
 server_generate.py's own default, so defaults live in one place. The dump section's `args` are passed as flags to the
 dump script; the train section's `config` is the trainer's own config (dflashkit/train/config.py), checked against it.
+The export section holds `dflashkit export`'s options, the eval section `dflashkit eval`'s flags; `dflashkit plan`
+prints a run's shards, disk and GPU-hours, and its export command. Every key and its default: docs/RECIPES.md.
 """
 from __future__ import annotations
 
@@ -71,10 +73,16 @@ class RunSpec:
 class ModelSpec:
     path: str = ""  # what the server loads: an HF folder or hub name
     served_model_name: str | None = None  # default: path
+    hidden_size: int | None = None  # for `dflashkit plan` before config.json is at hand; checked against it when it is
+    # false: the model's attention kernel rejects an fp8 KV cache (MiniMax-M3's MSA), so any fp8 --kv-cache-dtype in
+    # the recipe's server args is refused at load time instead of at the first server start.
+    allow_fp8_kv_cache: bool = True
 
     def validate(self) -> None:
         if not self.path:
             raise ValueError("model.path must be set")
+        if self.hidden_size is not None and self.hidden_size < 1:
+            raise ValueError("model.hidden_size must be >= 1")
 
 
 @dataclass
@@ -160,12 +168,61 @@ class TrainSpec:
 
 
 @dataclass
+class ExportSpec:
+    """`dflashkit export`'s options (dflashkit/export.py). Null keeps the export's own default."""
+    yarn_factor: float | None = None  # YaRN rope scaling: positions = factor x yarn_original_max_position
+    yarn_original_max_position: int | None = None
+    max_model_len: int | None = None  # the longest context the target will serve (default: its config's)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # cast the weights (default: as trained)
+
+    def validate(self) -> None:
+        if (self.yarn_factor is None) != (self.yarn_original_max_position is None):
+            raise ValueError("export.yarn_factor and export.yarn_original_max_position go together")
+        if self.yarn_factor is not None and self.yarn_factor <= 1:
+            raise ValueError(f"export.yarn_factor {self.yarn_factor}: YaRN extends the context, it must be > 1")
+
+
+@dataclass
+class EvalSpec:
+    args: dict[str, Any] = field(default_factory=dict)  # flags of `dflashkit eval`: {max_new_tokens: 256} -> ...
+
+
+def fp8_kv_cache_flags(extra_args: str | None) -> list[str]:
+    """The fp8 `--kv-cache-dtype` settings in a server's extra-args string (vLLM and SGLang spell the flag alike)."""
+    from .serve import split_extra_args
+
+    args = split_extra_args(extra_args)
+    found = []
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name.replace("_", "-") != "--kv-cache-dtype":
+            continue
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if value.lower().startswith("fp8"):
+            found.append(f"{name} {value}")
+    return found
+
+
+@dataclass
 class Recipe:
     run: RunSpec = field(default_factory=RunSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     generate: GenerateSpec = field(default_factory=GenerateSpec)
     dump: DumpSpec = field(default_factory=DumpSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
+    export: ExportSpec = field(default_factory=ExportSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    def validate(self) -> None:
+        if self.model.allow_fp8_kv_cache:
+            return
+        for key in ("vllm_serve_extra_args", "sglang_serve_extra_args"):
+            flagged = fp8_kv_cache_flags(getattr(self.generate, key))
+            if flagged:
+                raise ValueError(
+                    f"generate.{key} sets {flagged[0]}, but model.allow_fp8_kv_cache is false: this model's attention "
+                    "kernel rejects an fp8 KV cache (MiniMax-M3's MSA sparse attention). Remove the flag; the KV "
+                    "cache stays in the model's dtype (bf16)")
 
     def stage(self, name: str) -> GenerateSpec | DumpSpec | TrainSpec:
         return getattr(self, name)
