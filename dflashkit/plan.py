@@ -15,7 +15,7 @@ The hidden size, layer count and dtype come from the target's config.json (`mode
 defaults are the ones used here.
 
 GPU-hours come only from throughputs measured and written down in BENCHMARKS.md (format: docs/RECIPES.md, "Planning");
-a stage without a measured figure for this model prints "not measured".
+a stage without a measured figure for this model prints "not measured". The export and eval command lines the recipe gives are printed last.
 """
 from __future__ import annotations
 
@@ -214,7 +214,21 @@ def export_command(recipe: Recipe) -> list[str]:
             "--out", str(run_dir / "export" / "draft"), *flags(dataclasses.asdict(recipe.export))]
 
 
-def render(rows: list[StageCost], facts: dict, export: list[str]) -> str:
+def eval_command(recipe: Recipe) -> list[str]:
+    """`dflashkit eval` of the exported draft with the recipe's eval args, checked by the eval's own parser."""
+    from .eval.run import parser
+
+    run_dir = recipe.run_dir()
+    cmd = ["dflashkit", "eval", "--draft", str(run_dir / "export" / "draft"), "--target", recipe.model.path,
+           "--out", str(run_dir / "eval"), *flags(recipe.eval.args)]
+    try:
+        parser().parse_args(cmd[2:])
+    except SystemExit as e:
+        raise ConfigError("eval.args: not valid flags of `dflashkit eval` (its message is above)") from e
+    return cmd
+
+
+def render(rows: list[StageCost], facts: dict, after: list[list[str]]) -> str:
     from .slurm import format_table
 
     layers = facts["target_layer_ids"] or f"{facts['target_layers']} (spread over [1, L-3])"
@@ -243,7 +257,8 @@ def render(rows: list[StageCost], facts: dict, export: list[str]) -> str:
     if any(r.stage != "export" and r.gpu_hours is None for r in rows):
         out.append(f"GPU-hours: only from throughputs measured in BENCHMARKS.md "
                    f"({facts['benchmarks'] or 'no BENCHMARKS.md found'}); see docs/RECIPES.md, 'Planning'")
-    out += ["", "after training (`dflashkit submit` runs generate, dump, train):", "  " + shlex.join(export)]
+    out += ["", "after training (`dflashkit submit` runs generate, dump, train):"]
+    out += ["  " + shlex.join(cmd) for cmd in after]
     return "\n".join(out)
 
 
@@ -268,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         if mean < 1:
             raise ConfigError("--mean-tokens must be >= 1")
         rows, facts = plan(recipe, n, mean, args.target_config, Path(args.benchmarks))
+        after = [export_command(recipe), eval_command(recipe)]
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"dflashkit plan: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"facts": facts, "stages": [dataclasses.asdict(r) | {"gpu_hours": r.gpu_hours}
-                                                     for r in rows], "export_command": export_command(recipe)},
-                         indent=2))
+                                                     for r in rows], "export_command": after[0],
+                          "eval_command": after[1]}, indent=2))
     else:
-        print(render(rows, facts, export_command(recipe)))
+        print(render(rows, facts, after))
     return 0

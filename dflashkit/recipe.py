@@ -184,7 +184,7 @@ class ExportSpec:
 
 @dataclass
 class EvalSpec:
-    args: dict[str, Any] = field(default_factory=dict)  # flags of `dflashkit eval`: {max_new_tokens: 256} -> ...
+    args: dict[str, Any] = field(default_factory=dict)  # flags of `dflashkit eval` (dflashkit/eval/run.py)
 
 
 def fp8_kv_cache_flags(extra_args: str | None) -> list[str]:
@@ -216,11 +216,14 @@ class Recipe:
     def validate(self) -> None:
         if self.model.allow_fp8_kv_cache:
             return
-        for key in ("vllm_serve_extra_args", "sglang_serve_extra_args"):
-            flagged = fp8_kv_cache_flags(getattr(self.generate, key))
+        server_args = {f"generate.{key}": getattr(self.generate, key)
+                       for key in ("vllm_serve_extra_args", "sglang_serve_extra_args")}
+        server_args["eval.args.vllm_extra_args"] = self.eval.args.get("vllm_extra_args")
+        for key, value in server_args.items():
+            flagged = fp8_kv_cache_flags(value)
             if flagged:
                 raise ValueError(
-                    f"generate.{key} sets {flagged[0]}, but model.allow_fp8_kv_cache is false: this model's attention "
+                    f"{key} sets {flagged[0]}, but model.allow_fp8_kv_cache is false: this model's attention "
                     "kernel rejects an fp8 KV cache (MiniMax-M3's MSA sparse attention). Remove the flag; the KV "
                     "cache stays in the model's dtype (bf16)")
 

@@ -46,6 +46,7 @@ def test_recipe_loads_and_every_stage_is_runnable(path, tmp_path):
         stage_job(r, r.run_dir(), stage)
     split_extra_args(r.generate.vllm_serve_extra_args)  # what worker.sh will do with it
     dump = planner.dump_settings(r)  # the dump args parse with the dump script's own parser
+    planner.eval_command(r)  # and the eval args with the eval's
     train = planner.check_train_config(r, r.run_dir())
     assert train["data"]["max_seq_len"] == dump.max_seq_len, "train and dump must cut at the same length"
     if r.export.yarn_original_max_position is not None:
@@ -98,6 +99,8 @@ def test_m3_refuses_an_fp8_kv_cache(args):
     assert "generate.vllm_serve_extra_args sets" in str(e.value) and "MSA" in str(e.value)
     with pytest.raises(ConfigError, match="generate.sglang_serve_extra_args sets"):
         load_recipe(M3, ["generate.backend=sglang", f"generate.sglang_serve_extra_args={args}"])
+    with pytest.raises(ConfigError, match="eval.args.vllm_extra_args sets"):
+        load_recipe(M3, [f"eval.args.vllm_extra_args={args}"])
 
 
 def test_fp8_kv_cache_stays_allowed_elsewhere():
@@ -171,6 +174,14 @@ def test_m3_export_command_is_the_documented_one_and_gives_1m_positions(caplog):
     assert served(load_recipe(M3, ["export.yarn_factor=24"]).export).max_position_embeddings == 196_608
 
 
+def test_m3_eval_command_is_the_documented_one():
+    r = load_recipe(M3, [f"run.dir={M3_RUN}"])
+    cmd = planner.eval_command(r)  # parsed by the eval's own parser on the way
+    assert cmd == documented("dflashkit eval ")
+    with pytest.raises(ConfigError, match="eval.args: not valid flags"):
+        planner.eval_command(load_recipe(M3, ["eval.args.max_new_tokenz=3"]))
+
+
 def test_m3_plan_bytes_per_sample(tmp_path):
     r = load_recipe(M3)
     rows, facts = planner.plan(r, 2_760_000, 8192, benchmarks=tmp_path / "none.md")
@@ -222,7 +233,7 @@ def test_plan_cli_prints_the_table(tmp_path, capsys):
                  "--benchmarks", str(tmp_path / "none.md"), f"run.dir={M3_RUN}"]) == 0
     out = capsys.readouterr().out
     assert "603,979,776 B of hidden states" in out and "1.7 PB" in out and "not measured" in out
-    assert shlex.join(documented("dflashkit export ")) in out
+    assert shlex.join(documented("dflashkit export ")) in out and shlex.join(documented("dflashkit eval ")) in out
     assert main(["plan", str(M3)]) == 2  # no conversation count: a clear error, not a guess
     assert "--num-conversations" in capsys.readouterr().err
 
