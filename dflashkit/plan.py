@@ -293,4 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                           "eval_command": after[1]}, indent=2))
     else:
         print(render(rows, facts, after))
+    if args.mean_tokens is None:
+        print(f"note: every conversation counted at the dump's max_seq_len ({mean} tokens), an upper bound; pass "
+              "--mean-tokens with your data's mean", file=sys.stderr)
     return 0
