@@ -1,10 +1,11 @@
 """The stages on a real Slurm cluster (.ci/slurm/setup.sh: two nodes n1/n2 on this host, fake GPUs, accounting).
 
 One generate run of 4 shards against CPU vLLM (each task starts its own server through worker.sh), with the dump
-chained after it. Shard 2 is cancelled mid-generation: status names it failed with the reason, the dump is cancelled
-by its never-satisfiable dependency, the cancelled shard's partial file is resumable, and `rerun` resubmits exactly
-that index and chains the dump again. The local executor then repeats the generate run without Slurm and must give
-identical records. Plus the 2-node torch.distributed check through slurm/train.sbatch (srun + torchrun, gloo).
+chained after it, and the real trainer on 2 nodes after that when the checkout has it. Shard 2 is cancelled
+mid-generation: status names it failed with the reason, the later stages are cancelled by their never-satisfiable
+dependencies, the cancelled shard's partial file is resumable, and `rerun` resubmits exactly that index and chains the
+later stages again. The local executor then repeats the generate run without Slurm and must give identical records.
+Plus the 2-node torch.distributed check through slurm/train.sbatch (srun + torchrun, gloo).
 """
 from __future__ import annotations
 
@@ -29,7 +30,13 @@ NUM_SHARDS, NUM_CONVERSATIONS, VICTIM = 4, 12, 2
 GENERATE = [f"generate.num_shards={NUM_SHARDS}", f"generate.max_conversations={NUM_CONVERSATIONS}",
             "generate.max_tokens=16", "generate.temperature=0.0", "generate.seed=0", "generate.concurrency=1",
             "generate.server_startup_timeout=400", "generate.slurm.throttle=2", "generate.slurm.time=00:20:00",
-            "run.local_parallel=2", "dump.num_shards=1", "dump.slurm.gpus_per_task=0"]
+            "run.local_parallel=2", "dump.num_shards=1", "dump.slurm.gpus_per_task=0",
+            # two nodes, one gloo process each, a few steps (the demo recipe's tiny draft)
+            "train.slurm.nodes=2", "train.slurm.gpus_per_task=0", "train.processes_per_node=1",
+            "train.config.optim.max_steps=4", "train.config.checkpoint_every=2"]
+# The trainer is chained after the dump when this checkout has it.
+TRAINER = (ROOT / "train_dflash.py").exists() and (ROOT / "dflashkit" / "train" / "loop.py").exists()
+STAGES = "generate,dump,train" if TRAINER else "generate,dump"
 
 
 def _cluster_problem() -> str | None:
@@ -112,11 +119,13 @@ def slurm_run(cluster, prepared, tmp_path_factory):
     """The generate+dump run on Slurm, with shard VICTIM cancelled mid-shard, then rerun. Returns what each step saw."""
     run_dir = tmp_path_factory.mktemp("slurm") / "run"
     seen: dict = {"run_dir": run_dir}
-    dflashkit("submit", "--recipe", str(DEMO), "--stages", "generate,dump", f"run.dir={run_dir}", *GENERATE)
+    dflashkit("submit", "--recipe", str(DEMO), "--stages", STAGES, f"run.dir={run_dir}", *GENERATE)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     gen_job = manifest["stages"]["generate"]["submissions"][0]["job_id"]
     dump_job = manifest["stages"]["dump"]["submissions"][0]["job_id"]
     seen["first_dump_job"] = dump_job
+    if TRAINER:
+        seen["first_train_job"] = manifest["stages"]["train"]["submissions"][0]["job_id"]
     assert manifest["stages"]["dump"]["submissions"][0]["dependency"] == [gen_job]
 
     # Cancel the victim once it has written at least one conversation: it dies mid-shard, like a preempted task.
@@ -128,6 +137,8 @@ def slurm_run(cluster, prepared, tmp_path_factory):
     seen["failed_table"] = dflashkit("status", str(run_dir), check=False)
     seen["victim_lines_after_cancel"] = sum(1 for _ in iter_jsonl(victim_file))
     seen["first_dump_sacct"] = sacct_job(dump_job)
+    if TRAINER:
+        seen["first_train_sacct"] = sacct_job(seen["first_train_job"])
 
     seen["rerun"] = dflashkit("rerun", str(run_dir), "--stage", "generate")
     seen["manifest_after_rerun"] = json.loads((run_dir / "manifest.json").read_text())
@@ -150,10 +161,12 @@ def test_cancelled_shard_is_reported_failed_with_reason(slurm_run):
     assert "CANCELLED" in slurm_run["failed_table"].stdout
 
 
-def test_dump_never_starts_after_a_failed_generate(slurm_run):
-    (row,) = slurm_run["first_dump_sacct"].values()
-    assert row["state"] == "CANCELLED" and row["start"] in ("Unknown", "None", "")  # killed, never ran
-    assert "Dependency" in row["reason"] or row["reason"] == "None"
+def test_later_stages_never_start_after_a_failed_generate(slurm_run):
+    """--kill-on-invalid-dep: the dump (and the train after it) are cancelled, not left pending, and never ran."""
+    rows = [*slurm_run["first_dump_sacct"].values(), *slurm_run.get("first_train_sacct", {}).values()]
+    for row in rows:
+        assert row["state"] == "CANCELLED" and row["start"] in ("Unknown", "None", "")
+        assert "Dependency" in row["reason"] or row["reason"] == "None"
     assert shard_states(slurm_run["failed_status"], "dump") == ["failed"]
 
 
@@ -173,6 +186,8 @@ def test_rerun_resubmits_only_the_failed_index_and_rechains_the_dump(slurm_run):
     new_dump = subs["dump"]["submissions"][-1]
     assert new_dump["job_id"] != slurm_run["first_dump_job"]
     assert new_dump["dependency"] == [subs["generate"]["submissions"][-1]["job_id"]]
+    if TRAINER:
+        assert subs["train"]["submissions"][-1]["dependency"] == [new_dump["job_id"]]
     assert "rerunning shard(s) 2" in slurm_run["rerun"].stdout
 
 
@@ -194,6 +209,22 @@ def test_dump_ran_only_after_generate_finished(slurm_run):
     gen_end = max(r["end"] for r in gen.values())
     (dump_row,) = dump.values()
     assert dump_row["state"] == "COMPLETED" and dump_row["start"] >= gen_end  # ISO times compare as strings
+
+
+def test_two_node_training_after_the_dump(slurm_run):
+    """The real trainer through submit: slurm/train.sbatch, srun + torchrun on n1 and n2, after the dump."""
+    if not TRAINER:
+        pytest.skip("the train stage (train_dflash.py, dflashkit/train/) is not in this checkout")
+    subs = slurm_run["manifest_after_rerun"]["stages"]
+    assert shard_states(slurm_run["final_status"], "train") == ["done"], slurm_run["final_table"].stdout
+    job = subs["train"]["submissions"][-1]["job_id"]
+    (row,) = sacct_job(job).values()
+    (dump_row,) = sacct_job(subs["dump"]["submissions"][-1]["job_id"]).values()
+    assert row["state"] == "COMPLETED" and row["start"] >= dump_row["end"]
+    log = (slurm_run["run_dir"] / "logs" / f"train-{job}.out").read_text()
+    assert "2 node(s) x 1 process(es), rendezvous n1:" in log
+    assert "global batch 2" in log  # two ranks, one per node
+    assert json.loads((slurm_run["run_dir"] / "train" / "done.json").read_text())["job_id"] == job
 
 
 def test_local_executor_gives_identical_records(slurm_run, tmp_path, monkeypatch):
