@@ -160,9 +160,21 @@ def synthetic_conversations(think_tags: tuple[str, str], modes: list[str], mode_
 def conversations_from_records(path: str, limit: int) -> Iterator[tuple[str, list[dict], dict]]:
     """Generated records (docs/FORMATS.md) replayed with the kwargs recorded at generation."""
     from .dump.records import iter_generated, record_messages
+    from .formats import BadRecord
 
-    for rec in itertools.islice(iter_generated(path), limit):
-        yield rec.id, record_messages(rec.record), rec.template_kwargs
+    usable = 0
+    for rec in iter_generated(path):
+        if usable == limit:
+            return
+        try:
+            if rec.error:
+                raise rec.error
+            messages = record_messages(rec.record)
+        except BadRecord as e:  # the dump would skip it too; it says nothing about the template
+            log.info("%s: not checked (%s)", rec.id, e)
+            continue
+        usable += 1
+        yield rec.id, messages, rec.template_kwargs
 
 
 def _csv(text: str) -> list[str]:

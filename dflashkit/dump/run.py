@@ -68,7 +68,9 @@ def build_parser(prog: str, backend: str | None) -> argparse.ArgumentParser:
     p.add_argument("--language-model-only", action="store_true", help="vLLM: load only the text model of a VL model")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="conversations per backend call (vllm 256, hf 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="conversations per backend call (vllm 64, hf 1); vLLM keeps each capture file of a call on "
+                        "disk until it is read")
     p.add_argument("--num-shards", type=int, default=None, help="default: from the Slurm array, else 1")
     p.add_argument("--shard-id", type=int, default=None, help="default: from the Slurm array, else 0")
     p.add_argument("--no-progress", action="store_true")
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None, prog: str, backend: str | None) -> argpar
         p.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")
     if args.max_seq_len < 2:
         p.error("--max-seq-len must be >= 2")
-    args.batch_size = args.batch_size or (256 if args.backend == "vllm" else 1)
+    args.batch_size = args.batch_size or (64 if args.backend == "vllm" else 1)
     return args
 
 
