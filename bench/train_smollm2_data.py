@@ -1,0 +1,102 @@
+"""Training data for a real SmolLM2 run on a GPU machine that cannot download: the target from its GGUF file, and
+greedy answers to prompts written in the generate stage's output format (docs/FORMATS.md), ready for the dump stage.
+
+    python bench/train_smollm2_data.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --tokenizer-dir TOK \
+        --prompts sharegpt.jsonl mtbench.jsonl --num-prompts 2000 --model-out /tmp/smollm2 --out /tmp/gen.jsonl
+
+The GGUF weights are dequantized (Q4_1) into a float32 HF folder, so this target is SmolLM2 after 4-bit rounding;
+the draft is trained and judged against that same target. Stands in for `server_generate.py` where no vLLM exists.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def hf_from_gguf(gguf: Path, tokenizer_dir: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+
+
+def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
+    from dflashkit.formats import raw_turns
+
+    out = []
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            for n, line in enumerate(f):
+                rec = json.loads(line)
+                try:
+                    turns = raw_turns(rec)
+                except ValueError:
+                    continue
+                user = next((t.content for t in turns if t.role == "user"), "")
+                if user.strip() and len(user) < 4000:
+                    out.append((str(rec.get("id", f"{file.stem}-{n}")), user))
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+@torch.inference_mode()
+def generate(model_dir: Path, template: str, prompts: list[tuple[str, str]], out: Path, max_new_tokens: int,
+             batch_size: int) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dflashkit.io import JsonlAppender, safe_id
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    kwargs = {"thinking_mode": "adaptive"}
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    t0, tokens = time.time(), 0
+    with JsonlAppender(out, truncate=True) as sink:
+        for start in range(0, len(prompts), batch_size):
+            part = prompts[start: start + batch_size]
+            texts = [tok.apply_chat_template([{"role": "user", "content": p}], chat_template=template,
+                                             add_generation_prompt=True, tokenize=False, **kwargs) for _, p in part]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
+                                 pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
+            for i, ((pid, prompt), ids) in enumerate(zip(part, gen.tolist())):
+                finished = end in ids
+                ids = ids[: ids.index(end)] if finished else ids
+                tokens += len(ids)
+                sink.write({"id": safe_id(pid), "messages": [{"role": "user", "content": prompt},
+                                                             {"role": "assistant", "content": tok.decode(ids)}],
+                            "thinking_mode": kwargs["thinking_mode"],
+                            "generation": {"model": str(model_dir), "chat_template_kwargs": kwargs,
+                                           "truncated": not finished, "index": start + i}})
+    print(f"generated {len(prompts)} answers, {tokens} tokens in {time.time() - t0:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, required=True)
+    parser.add_argument("--tokenizer-dir", type=Path, required=True)
+    parser.add_argument("--template", type=Path, default=Path("configs/templates/smollm2-thinking.jinja"))
+    parser.add_argument("--prompts", type=Path, nargs="+", required=True)
+    parser.add_argument("--num-prompts", type=int, default=2000)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--model-out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    hf_from_gguf(args.gguf, args.tokenizer_dir, args.model_out)
+    generate(args.model_out, args.template.read_text(), first_user_turns(args.prompts, args.num_prompts), args.out,
+             args.max_new_tokens, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

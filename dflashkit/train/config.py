@@ -1,0 +1,103 @@
+"""The training recipe: one dataclass tree, loaded from `--config` YAML plus dotted overrides (dflashkit.config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DraftSpec:
+    """The draft's shape. Dims left null are copied from the target's decoder layer (hidden size always is: the
+    draft shares the target's embeddings and lm_head). Target layer ids come from the dump's meta.json."""
+    num_layers: int = 5
+    block_size: int = 16
+    mask_token_id: int = -1  # required: a token id the chats never contain (e.g. Qwen3's <|MASK|> slot 151669)
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+
+    def validate(self) -> None:
+        if self.mask_token_id < 0:
+            raise ValueError("model.mask_token_id must be set (a token id below the vocabulary size)")
+        if self.num_layers < 1 or self.block_size < 2:
+            raise ValueError("model.num_layers must be >= 1 and model.block_size >= 2")
+
+
+@dataclass
+class DataSpec:
+    dump_dirs: list[str] = field(default_factory=list)
+    max_seq_len: int = 8192  # longer records are cut here
+    num_anchors: int = 512  # blocks per sequence (fewer where the loss mask has fewer positions)
+    micro_batch_size: int = 1
+    num_workers: int = 2
+
+    def validate(self) -> None:
+        if not self.dump_dirs:
+            raise ValueError("data.dump_dirs is empty")
+        if min(self.max_seq_len, self.num_anchors, self.micro_batch_size) < 1 or self.num_workers < 0:
+            raise ValueError("data sizes must be positive")
+
+
+@dataclass
+class OptimSpec:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs x steps per epoch
+
+    def validate(self) -> None:
+        if self.grad_accum < 1 or self.epochs < 1 or self.max_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("optim.grad_accum and optim.epochs must be >= 1; steps must be >= 0")
+        if len(self.betas) != 2:
+            raise ValueError("optim.betas must have two values")
+
+
+@dataclass
+class LossSpec:
+    # "ce": cross-entropy with position weights exp(-(k-1)/decay_gamma) (DFlash); "dpace": D-PACE weights, the
+    # gradient of the expected accepted length (see loss.py).
+    kind: Literal["ce", "dpace"] = "ce"
+    decay_gamma: float = 7.0  # 0 = equal weights; DFlash uses 7 for B=16, 5 for B=10, 4 for B=8
+    dpace_alpha: float = 0.5  # D-PACE smoothing: q -> (1 - alpha) q + alpha
+    kd_weight: float = 0.0  # > 0 adds KD (soft cross-entropy) against the target's logits
+    vocab_chunk_rows: int = 4096  # rows of [rows, vocab] logits alive at once
+
+    def validate(self) -> None:
+        if self.decay_gamma < 0 or not 0 <= self.dpace_alpha <= 1 or self.kd_weight < 0 or self.vocab_chunk_rows < 1:
+            raise ValueError("loss: decay_gamma >= 0, 0 <= dpace_alpha <= 1, kd_weight >= 0, vocab_chunk_rows >= 1")
+
+
+@dataclass
+class TrainConfig:
+    target_model: str = ""  # HF folder of the target: only embed_tokens, lm_head and the final norm are read
+    output_dir: str = ""
+    model: DraftSpec = field(default_factory=DraftSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    attention: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP2 from fsdp_min_hidden_size up, else DDP
+    fsdp_min_hidden_size: int = 6144
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if not self.target_model or not self.output_dir:
+            raise ValueError("target_model and output_dir must be set")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every, keep_checkpoints and log_every must be >= 1")
+        for part in (self.model, self.data, self.optim, self.loss):  # defaults are not checked on their own
+            part.validate()

@@ -1,0 +1,147 @@
+"""Batches from hidden-state dumps, with anchors, in an order that is a pure function of (seed, step).
+
+- The dumps are read through `dflashkit.dump` (its reader validates every record against meta.json). All dump dirs
+  must agree on the target layer ids, their convention, the final-state norm flag, hidden size and dtype: mixing them
+  would train on inconsistent features, so a mismatch is refused before training starts.
+- Order: epoch e shuffles the records with seed + e; optimizer step s of that epoch takes the next G = world x
+  micro_batch x grad_accum records; rank r's micro-batch i of the step is slice (i x world + r). So the global batch
+  of a step does not depend on how it is split over ranks and micro-batches, and resuming at step s needs only s.
+- Anchors: `num_anchors` per sequence, drawn without replacement from the loss-mask positions (target-generated
+  tokens: at inference the anchor is always a token the target produced) that leave at least one token to predict;
+  redrawn every epoch from a generator seeded by (seed, epoch, record), so a resumed run draws the same anchors.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dflashkit.dump import list_dump_records, load_dump_record, read_meta
+
+log = logging.getLogger(__name__)
+
+# Meta fields every dump dir of one training run must share.
+COMPATIBLE_META_KEYS = ("target_layer_ids", "layer_id_convention", "final_state", "hidden_size", "dtype",
+                        "num_hidden_layers")
+
+
+def read_dump_dirs(dump_dirs: list[str]) -> tuple[dict, list[Path]]:
+    """The shared meta and every record path; refuses dump dirs that disagree."""
+    meta, paths = None, []
+    for directory in dump_dirs:
+        this = read_meta(directory)
+        if meta is None:
+            meta = this
+        else:
+            diff = {k: (meta[k], this[k]) for k in COMPATIBLE_META_KEYS if meta[k] != this[k]}
+            if diff:
+                raise ValueError(f"dump dir {directory} does not match {dump_dirs[0]}: {diff}")
+        found = list_dump_records(directory)
+        if not found:
+            raise ValueError(f"dump dir {directory} holds no records")
+        paths += found
+    return meta, paths
+
+
+def anchor_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+
+
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator):
+    """Up to `num_anchors` sorted anchor positions [N] among loss-mask positions t <= T-2, and which are real [N]."""
+    eligible = torch.nonzero(loss_mask[:-1].bool(), as_tuple=False).flatten()
+    take = min(num_anchors, eligible.numel())
+    chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:take]].sort().values
+    anchors = torch.zeros(num_anchors, dtype=torch.long)
+    anchors[:take] = chosen
+    valid = torch.arange(num_anchors) < take
+    return anchors, valid
+
+
+class DumpDataset(torch.utils.data.Dataset):
+    """Items are addressed by (record index, epoch): the epoch seeds the anchors."""
+
+    def __init__(self, paths: list[Path], meta: dict, max_seq_len: int, num_anchors: int, seed: int,
+                 with_final: bool):
+        self.paths, self.meta = paths, meta
+        self.max_seq_len, self.num_anchors, self.seed = max_seq_len, num_anchors, seed
+        self.with_final = with_final  # the final state is read only for KD
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        rec = load_dump_record(self.paths[index], self.meta)
+        t = min(rec["input_ids"].shape[0], self.max_seq_len)
+        loss_mask = rec["loss_mask"][:t].to(torch.uint8)
+        anchors, valid = sample_anchors(loss_mask, self.num_anchors, anchor_generator(self.seed, epoch, index))
+        item = {"input_ids": rec["input_ids"][:t], "aux_hidden_states": rec["aux_hidden_states"][:t],
+                "loss_mask": loss_mask, "anchors": anchors, "anchor_valid": valid, "length": torch.tensor(t)}
+        if self.with_final:
+            item["hidden_states"] = rec["hidden_states"][:t]
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Right-pad to the longest sequence. Padding is invisible: every anchor lies before its sequence's end, a block
+    sees context only before its anchor, and the loss mask is 0 on padding."""
+    t = max(it["input_ids"].shape[0] for it in items)
+    out = {}
+    for key in items[0]:
+        if key in ("anchors", "anchor_valid", "length"):
+            out[key] = torch.stack([it[key] for it in items])
+            continue
+        first = items[0][key]
+        batch = first.new_zeros((len(items), t, *first.shape[1:]))
+        for i, it in enumerate(items):
+            batch[i, : it[key].shape[0]] = it[key]
+        out[key] = batch
+    return out
+
+
+@dataclass
+class BatchPlan:
+    """Which records each (step, rank, micro-batch) reads."""
+    num_records: int
+    world_size: int
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.micro_batch_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        steps = self.num_records // self.global_batch
+        if steps == 0:
+            raise ValueError(f"{self.num_records} records are fewer than one global batch of {self.global_batch} "
+                             "(world x micro_batch_size x grad_accum)")
+        return steps
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.num_records, generator=torch.Generator().manual_seed(self.seed + epoch))
+
+    def micro_batches(self, epoch: int, first_step: int, rank: int) -> list[list[tuple[int, int]]]:
+        """Rank `rank`'s micro-batches from step `first_step` of `epoch` to the epoch's end, grad_accum per step;
+        the last incomplete global batch of an epoch is dropped so every rank takes the same number of steps."""
+        order = self.order(epoch).tolist()
+        out = []
+        for step in range(first_step, self.steps_per_epoch):
+            base = step * self.global_batch
+            for micro in range(self.grad_accum):
+                start = base + (micro * self.world_size + rank) * self.micro_batch_size
+                out.append([(i, epoch) for i in order[start: start + self.micro_batch_size]])
+        return out
+
+
+def loader(dataset: DumpDataset, micro_batches: list[list[tuple[int, int]]], num_workers: int, pin: bool):
+    return torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, collate_fn=collate,
+                                       num_workers=num_workers, pin_memory=pin,
+                                       prefetch_factor=4 if num_workers else None)

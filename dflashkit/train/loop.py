@@ -1,0 +1,232 @@
+"""Offline DFlash training: `dflashkit train --config recipe.yaml [key.path=value ...] [--resume]`.
+
+The pieces: the target's frozen head (target.py), the draft (draft.py), dump batches (data.py), the block loss
+(loss.py), the process group and wrapping (distributed.py), checkpoints (checkpoint.py), metrics (metrics.py).
+This module wires them into one loop. A step's loss is normalized by the whole global batch's weight, so any split
+over ranks and micro-batches computes the same update as one process on the whole batch.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from dflashkit.config import load_config, to_dict
+from dflashkit.model import DFlashConfig, DFlashDraft, TargetHead
+from dflashkit.model.masks import block_inputs, block_labels, training_mask
+from dflashkit.train import checkpoint, data
+from dflashkit.train.config import OptimSpec, TrainConfig
+from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
+from dflashkit.train.loss import block_loss, normalizer, summarize
+from dflashkit.train.metrics import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+def draft_config(cfg: TrainConfig, meta: dict) -> DFlashConfig:
+    with open(Path(cfg.target_model) / "config.json", encoding="utf-8") as f:
+        target = json.load(f)
+    m = cfg.model
+    overrides = {k: v for k, v in {"intermediate_size": m.intermediate_size, "num_attention_heads": m.num_attention_heads,
+                                       "num_key_value_heads": m.num_key_value_heads, "head_dim": m.head_dim,
+                                       "max_position_embeddings": m.max_position_embeddings}.items() if v is not None}
+    dcfg = DFlashConfig.for_target(target, num_hidden_layers=m.num_layers, target_layer_ids=meta["target_layer_ids"],
+                                   mask_token_id=m.mask_token_id, block_size=m.block_size, **overrides)
+    if (dcfg.hidden_size, dcfg.num_target_layers) != (meta["hidden_size"], meta["num_hidden_layers"]):
+        raise ValueError(f"the dump (hidden {meta['hidden_size']}, {meta['num_hidden_layers']} layers) was not made "
+                         f"from {cfg.target_model} (hidden {dcfg.hidden_size}, {dcfg.num_target_layers} layers)")
+    return dcfg
+
+
+def lr_at(step: int, total: int, o: OptimSpec) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then decay to lr * min_lr_ratio."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    shape = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[o.schedule]
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * shape)
+
+
+def uses_bf16(cfg: TrainConfig, d: Dist) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, d: Dist, final_state: str, dcfg: DFlashConfig, head: TargetHead):
+        self.cfg, self.d, self.dcfg = cfg, d, dcfg
+        cuda = d.device.type == "cuda"
+        self.bf16 = uses_bf16(cfg, d)
+        self.attention = cfg.attention
+        self.final_pre_norm = final_state == "pre_norm"
+        self.head = head.to(d.device)
+        if self.head.vocab_size <= dcfg.mask_token_id or self.head.hidden_size != dcfg.hidden_size:
+            raise ValueError(f"target head {list(self.head.lm_head.shape)} does not fit the draft "
+                             f"(hidden {dcfg.hidden_size}, mask_token_id {dcfg.mask_token_id})")
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        draft = DFlashDraft(dcfg)
+        with torch.no_grad():  # the draft's output feeds the target's lm_head: start its final norm as the target's
+            draft.norm.weight.copy_(self.head.norm_weight.float())
+        draft.to(d.device)
+        mode = cfg.parallel if cfg.parallel != "auto" else (
+            "fsdp" if dcfg.hidden_size >= cfg.fsdp_min_hidden_size else "ddp")
+        self.model = wrap(draft, d, mode)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=cuda)
+
+    def _forward(self, batch: dict):
+        dev, B, c = self.d.device, self.dcfg.block_size, self.cfg.loss
+        ids, loss_mask = batch["input_ids"].to(dev, non_blocking=True), batch["loss_mask"].to(dev, non_blocking=True)
+        anchors, valid = batch["anchors"].to(dev), batch["anchor_valid"].to(dev)
+        aux = batch["aux_hidden_states"].to(dev, non_blocking=True)
+        b, t = ids.shape
+        block_ids, block_pos = block_inputs(ids, anchors, B, self.dcfg.mask_token_id)
+        mask = training_mask(anchors, t, B, self.attention)  # built once, shared by every layer
+        hidden = self.model(aux, self.head.embed_tokens(block_ids), torch.arange(t, device=dev).expand(b, t),
+                            block_pos, mask)
+        labels, counted = block_labels(ids, loss_mask, anchors, valid, B)
+        teacher = None
+        if c.kd_weight > 0:
+            # The target's distribution over x[a+k] comes from its final state at a+k-1.
+            idx = (anchors.unsqueeze(-1) + torch.arange(B, device=dev) - 1).clamp(0, t - 1).flatten(1)
+            final = batch["hidden_states"].to(dev, non_blocking=True)
+            teacher = torch.gather(final, 1, idx.unsqueeze(-1).expand(-1, -1, final.shape[-1])).view(*labels.shape, -1)
+            teacher = self.head.final_norm(teacher) if self.final_pre_norm else teacher
+            teacher = teacher.to(self.head.lm_head.dtype)
+        return block_loss(hidden, self.head.lm_head, labels, counted, kind=c.kind, gamma=c.decay_gamma,
+                          alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows)
+
+    def _sync_grads(self, sync: bool):
+        if hasattr(self.model, "no_sync"):  # DDP: all-reduce only on the step's last micro-batch
+            return contextlib.nullcontext() if sync else self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def step(self, batches: list[dict], lr: float) -> dict:
+        c, d = self.cfg.loss, self.d
+        B = self.dcfg.block_size
+        local = sum(normalizer(block_labels(b["input_ids"], b["loss_mask"], b["anchors"], b["anchor_valid"], B)[1],
+                               c.kind, c.decay_gamma) for b in batches)
+        total_weight = d.all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=d.device)).clamp(min=1e-6)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, stats = torch.zeros((), device=d.device), 0
+        for i, batch in enumerate(batches):
+            with self._sync_grads(i == len(batches) - 1):
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss, batch_stats = self._forward(batch)
+                # DDP and FSDP average gradients over ranks; undo that, the normalizer is already global.
+                (loss * d.world_size / total_weight).backward()
+            loss_sum += loss.detach()
+            stats = stats + batch_stats
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        reduced = d.all_reduce_sum(torch.cat([loss_sum.view(1), stats]))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return {"loss": (reduced[0] / total_weight).item(), "grad_norm": float(grad_norm),
+                **summarize(reduced[1:].cpu(), B)}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def train(cfg: TrainConfig, resume: bool) -> int:
+    d = init_distributed()
+    try:
+        return _train(cfg, resume, d)
+    finally:
+        shutdown(d)
+
+
+def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    latest = checkpoint.latest_checkpoint(ckpt_root)
+    if latest is not None and not resume:
+        raise SystemExit(f"{ckpt_root} holds checkpoints; pass --resume to continue, or choose another output_dir")
+    meta, paths = data.read_dump_dirs(cfg.data.dump_dirs)
+    dcfg = draft_config(cfg, meta)
+    if d.is_main:
+        log.info("resolved configuration:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+        log.info("draft: %s", json.dumps(dcfg.to_dict()))
+        log.info("data: %d records from %s; target layers %s, final state %s", len(paths), cfg.data.dump_dirs,
+                 meta["target_layer_ids"], meta["final_state"])
+        out.mkdir(parents=True, exist_ok=True)
+    # The frozen target head in bf16 on GPU (the vocabulary matrices are the biggest tensors we hold).
+    head = TargetHead.from_pretrained(cfg.target_model, dtype=torch.bfloat16 if uses_bf16(cfg, d) else torch.float32)
+    trainer = Trainer(cfg, d, meta["final_state"], dcfg, head)
+    o = cfg.optim
+    plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed)
+    position = {"num_records": plan.num_records, "global_batch": plan.global_batch, "seed": cfg.seed}
+    total = o.max_steps or o.epochs * plan.steps_per_epoch
+    step = 0
+    if resume and latest is not None:
+        state = checkpoint.load_checkpoint(latest, trainer.model, trainer.optimizer, d)
+        if state["data_position"] != position:
+            raise SystemExit(f"{latest}: saved with data position {state['data_position']}, now {position}; the "
+                             "data order would differ (same dumps, global batch and seed are needed to resume)")
+        step = state["step"]
+        log.info("resumed from %s at step %d", latest, step)
+    dataset = data.DumpDataset(paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
+                               with_final=cfg.loss.kd_weight > 0)
+    metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None
+    if d.is_main:
+        log.info("%d steps (%d per epoch, global batch %d)", total, plan.steps_per_epoch, plan.global_batch)
+    try:
+        while step < total:
+            epoch, first = divmod(step, plan.steps_per_epoch)
+            micro = plan.micro_batches(epoch, first, d.rank)
+            batches = iter(data.loader(dataset, micro, cfg.data.num_workers, d.device.type == "cuda"))
+            for _ in range(first, plan.steps_per_epoch):
+                if step >= total:
+                    break
+                t0 = time.perf_counter()
+                if d.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(d.device)
+                step_batches = [next(batches) for _ in range(o.grad_accum)]
+                tokens = torch.tensor(float(sum(int(b["length"].sum()) for b in step_batches)), device=d.device)
+                row = trainer.step(step_batches, lr_at(step, total, o))
+                tokens = d.all_reduce_sum(tokens).item()
+                step += 1
+                dt = time.perf_counter() - t0
+                row = {"step": step, "epoch": epoch, **row, "lr": lr_at(step - 1, total, o), "tokens": tokens,
+                       "tokens_per_s": tokens / dt, "step_time_s": dt, "peak_mem_gb": peak_memory_gb(d.device)}
+                if metrics is not None and (step % cfg.log_every == 0 or step == total):
+                    metrics.write(row)
+                if step % cfg.checkpoint_every == 0 or step == total:
+                    trainer_state = {"step": step, "data_position": position, "config": to_dict(cfg)}
+                    checkpoint.save_checkpoint(ckpt_root, step, trainer.model, trainer.optimizer, d, trainer_state,
+                                               dcfg.to_json_string(), cfg.keep_checkpoints)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dflashkit train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="recipe YAML (configs/train/*.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUTPUT/checkpoints/latest.json when it exists (else start fresh)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 data.num_anchors=256")
+    args = parser.parse_args(argv)
+    d_rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if d_rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s %(levelname)s [rank {d_rank}] %(name)s: %(message)s")
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    return train(cfg, args.resume)

@@ -1,0 +1,114 @@
+"""The block loss and the acceptance metrics.
+
+Slot k (1..B-1) of a block predicts token x[a + k]; slot 0 is the given anchor. Two weightings of the per-slot
+cross-entropy:
+
+- "ce" (DFlash): w_k = exp(-(k - 1) / gamma). A slot only pays off when every slot before it was accepted, so early
+  slots matter more.
+- "dpace": weights that make the loss's gradient the gradient of the expected accepted length. With q_k the draft's
+  probability of the right token at slot k, the expected number of accepted draft tokens is
+  E = sum_j prod_{i<=j} q_i, and dE = sum_k dlog q_k * sum_{j>=k} prod_{i<=j} q_i. So the loss
+  -sum_k w_k log q_k with the detached weight w_k = sum_{j>=k} P_j, P_j = prod_{i<=j} s_i, has gradient -dE.
+  s_i = (1 - alpha) q_i + alpha smooths q so that early in training (q ~ 0) the later slots still get a signal.
+  This follows the D-PACE loss as SpecForge implements it (`loss_type=dpace`); the paper itself was not available
+  here, so the derivation above is ours. Normalized per block.
+
+Optional KD adds the soft cross-entropy against the target's distribution at the same slot, which is the target's
+lm_head applied to its final hidden state at position a + k - 1 (normed first when the dump stores it pre-norm).
+
+Logits never exist as a full [tokens, vocab] fp32 tensor: rows go through the lm_head in chunks, each recomputed in
+backward (activation checkpointing), so memory holds one chunk of logits at a time.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def position_weights(block_size: int, gamma: float, device=None) -> torch.Tensor:
+    """[B]: 0 for the anchor slot, exp(-(k-1)/gamma) for k >= 1 (all 1 when gamma == 0)."""
+    k = torch.arange(block_size, device=device, dtype=torch.float32)
+    weights = torch.exp(-(k - 1) / gamma) if gamma > 0 else torch.ones(block_size, device=device)
+    weights[0] = 0.0
+    return weights
+
+
+def dpace_weights(q: torch.Tensor, counted: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[.., B] D-PACE weights from the draft's probabilities of the right tokens (detached)."""
+    smooth = torch.where(counted, (1 - alpha) * q + alpha, torch.ones_like(q))
+    prefix = torch.cumprod(smooth, dim=-1) * counted
+    suffix = prefix.flip(-1).cumsum(-1).flip(-1)
+    return suffix * counted
+
+
+def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
+    logits = (hidden @ weight.t()).float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    nll = log_z - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if teacher is None:
+        return nll, logits.argmax(-1)
+    target_probs = torch.softmax((teacher @ weight.t()).float(), dim=-1)
+    kd = log_z - (target_probs * logits).sum(-1)
+    return nll, logits.argmax(-1), kd
+
+
+def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int):
+    """Per-row nll, argmax (and KD soft-CE) for rows of `hidden` [R, H], `chunk_rows` rows of logits at a time."""
+    outs = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        part = slice(start, start + chunk_rows)
+        args = (hidden[part], lm_head, labels[part], None if teacher is None else teacher[part])
+        outs.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if hidden.requires_grad
+                    else _chunk_stats(*args))
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alpha: float, kd_weight: float,
+               teacher=None, chunk_rows: int = 4096):
+    """hidden [b, N*B, H] draft outputs; labels/counted [b, N, B]; teacher [b, N, B, H] target final states (normed)
+    or None. Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
+    normalizer so micro-batches and ranks add up to one big batch."""
+    b, n, bs = labels.shape
+    rows = counted.flatten()
+    h = hidden.reshape(b * n * bs, -1)[rows]
+    t = None if teacher is None or kd_weight == 0 else teacher.reshape(b * n * bs, -1)[rows]
+    stats = row_stats(h, lm_head, labels.flatten()[rows], t, chunk_rows)
+    nll = torch.zeros(b * n * bs, device=hidden.device).masked_scatter(rows, stats[0]).view(b, n, bs)
+    pred = torch.zeros(b * n * bs, dtype=torch.long, device=hidden.device).masked_scatter(rows, stats[1])
+    correct = (pred.view(b, n, bs) == labels) & counted
+    if kind == "ce":
+        weights = position_weights(bs, gamma, hidden.device) * counted
+    else:
+        weights = dpace_weights(torch.exp(-nll.detach()), counted, alpha)
+    loss = (weights * nll).sum()
+    if t is not None:
+        kd = torch.zeros(b * n * bs, device=hidden.device).masked_scatter(rows, stats[2]).view(b, n, bs)
+        loss = loss + kd_weight * (weights * kd).sum()
+    return loss, acceptance_stats(correct, counted)
+
+
+def normalizer(counted: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
+    """What the step's loss sum is divided by: the total CE weight, or (D-PACE) the number of blocks that count."""
+    if kind == "ce":
+        return (position_weights(counted.shape[-1], gamma, counted.device) * counted).sum()
+    return counted.any(-1).sum().float()
+
+
+def acceptance_stats(correct: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """A flat float vector of sums, additive over micro-batches and ranks:
+    [blocks, accepted tokens, correct per slot (B), counted per slot (B)].
+    Accepted tokens of a block = the run of correct slots from slot 1 (greedy verification: drafting stops at the
+    first miss); the simulated acceptance length tau = 1 + accepted (the target's own token)."""
+    blocks = counted.any(-1)
+    # A slot that does not count (past the answer's end) ends the run like a miss: drafting cannot run past it.
+    accepted = torch.cumprod(correct[..., 1:].int(), dim=-1).sum()
+    return torch.cat([torch.stack([blocks.sum(), accepted]).float(),
+                      (correct & counted).sum((0, 1)).float(), counted.sum((0, 1)).float()])
+
+
+def summarize(stats: torch.Tensor, block_size: int) -> dict:
+    blocks, accepted = stats[0].item(), stats[1].item()
+    correct, counted = stats[2: 2 + block_size], stats[2 + block_size:]
+    acc = (correct[1:] / counted[1:].clamp(min=1)).tolist()
+    return {"tau": 1 + accepted / max(blocks, 1), "acc": sum(correct[1:]).item() / max(sum(counted[1:]).item(), 1),
+            "acc_per_pos": [round(a, 4) for a in acc]}

@@ -1,0 +1,71 @@
+"""Shared by the model and training tests: tiny draft configs and a small real SmolLM2 dump.
+
+The dump is written with the dump stage's writer (`dflashkit.dump.format`). Its conversations are SmolLM2's own
+greedy answers to the first 8 MT-Bench prompts, recorded once as token ids in `train_smollm2_greedy.json` (generating
+them takes minutes on a CPU; a forward pass does not). One HF forward pass per conversation gives the hidden states at
+the target layers (`hidden_states[k + 1]`) and the pre-norm output of the last decoder layer (a hook: HF's last
+`hidden_states` entry is already normed). Built once per test process.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
+from dflashkit.dump.layers import CONVENTION
+from dflashkit.model import DFlashConfig
+from dflashkit.prepare import model_dir
+
+GREEDY = Path(__file__).with_name("train_smollm2_greedy.json")
+
+LAYER_IDS = [1, 14, 27]
+MASK_TOKEN_ID = 16  # SmolLM2's <empty_output>: a special token chats never contain
+
+
+def tiny_config(**overrides) -> DFlashConfig:
+    dims = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+                "intermediate_size": 96, "vocab_size": 128, "target_layer_ids": [0, 2, 4], "num_target_layers": 6,
+                "mask_token_id": 127, "block_size": 4, "rope_theta": 10000.0, "max_position_embeddings": 512}
+    dims.update(overrides)
+    return DFlashConfig(**dims)
+
+
+@functools.cache
+def _smollm2_dump() -> Path:
+    from transformers import AutoModelForCausalLM
+
+    out = Path(tempfile.mkdtemp(prefix="dflashkit-smollm2-dump-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.float32).eval()
+    final = {}
+    model.model.layers[-1].register_forward_hook(lambda m, i, o: final.update(h=o[0] if isinstance(o, tuple) else o))
+    for conv in json.loads(GREEDY.read_text())["conversations"]:
+        ids = torch.tensor(conv["prompt_ids"] + conv["reply_ids"])
+        with torch.no_grad():
+            hs = model(ids[None], output_hidden_states=True).hidden_states
+        save_dump_record(out, {
+            "input_ids": ids, "conversation_id": conv["id"],
+            "hidden_states": final["h"][0].clone(),
+            "aux_hidden_states": torch.cat([hs[k + 1][0] for k in LAYER_IDS], dim=-1),
+            "loss_mask": torch.tensor([0] * len(conv["prompt_ids"]) + [1] * len(conv["reply_ids"]), dtype=torch.uint8),
+        })
+    write_meta(out, {
+        "format": FORMAT_VERSION, "model": str(model_dir()), "backend": "hf", "dtype": "float32",
+        "hidden_size": model.config.hidden_size, "num_hidden_layers": model.config.num_hidden_layers,
+        "target_layer_ids": LAYER_IDS, "layer_id_convention": CONVENTION, "final_state": "pre_norm",
+        "max_seq_len": 4096, "length_policy": "skip", "chat_template_sha256": "test", "chat_template": "tokenizer",
+    })
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dump(prepared) -> Path:
+    """A dump dir of 8 SmolLM2 conversations (96-token greedy replies), target layers [1, 14, 27]."""
+    return _smollm2_dump()
