@@ -307,6 +307,10 @@ def stage_status(run_dir: Path, manifest: dict, recipe: Recipe, stage: str,
                 st.slurm_state, st.exit_code = t.state, t.exit_code
                 if t.state in ACTIVE:
                     st.state, st.reason = ACTIVE[t.state], t.reason
+                elif t.state == "CANCELLED" and t.start is None and sub.get("dependency"):
+                    st.state = "failed"
+                    st.reason = (f"CANCELLED before it started: job {', '.join(sub['dependency'])}, which it ran "
+                                 "after, did not succeed (rerun that stage)")
                 else:
                     st.state = "failed"
                     st.reason = _failure_reason(job, shard, t.state, t.exit_code, t.signal, log_path, t.reason)
@@ -508,11 +512,19 @@ def submit_main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return run_chain(run_dir, {}, recipe, jobs, executor, dry_run=True)
         run_dir, manifest = open_run(recipe, args.recipe)
+        if any(s in manifest["stages"] for s in stages):
+            # Submitting into an existing run: only shards without a marker go out, and none that a job still holds.
+            for shards in run_status(run_dir, stages)[2].values():
+                rerun_indices(shards)
     except (ConfigError, StageUnavailable, ManifestError) as e:
         print(f"dflashkit submit: {e}", file=sys.stderr)
         return 2
     print(f"run dir {run_dir} (executor {executor})")
-    return run_chain(run_dir, manifest, recipe, jobs, executor)
+    try:
+        return run_chain(run_dir, manifest, recipe, jobs, executor)
+    except RuntimeError as e:  # sbatch refused a stage: the ones before it stay submitted (see status)
+        print(f"dflashkit submit: {e}", file=sys.stderr)
+        return 1
 
 
 def status_main(argv: list[str] | None = None) -> int:
@@ -596,7 +608,11 @@ def rerun_main(argv: list[str] | None = None) -> int:
     print(f"{args.stage}: rerunning shard(s) {array_spec(indices)}")
     if executor == "slurm" and not args.dry_run:
         cancel_stale(manifest, later)
-    return run_chain(run_dir, manifest, recipe, jobs, executor, first_indices=indices, dry_run=args.dry_run)
+    try:
+        return run_chain(run_dir, manifest, recipe, jobs, executor, first_indices=indices, dry_run=args.dry_run)
+    except RuntimeError as e:
+        print(f"dflashkit rerun: {e}", file=sys.stderr)
+        return 1
 
 
 def _logging() -> None:

@@ -165,3 +165,13 @@ def test_sbatch_command_lines(run):
     assert "--nodes=2" in cmd and not any(c.startswith(("--array", "--gres", "--dependency")) for c in cmd)
     assert cmd[-3:] == ["--config", str(run_dir / "train" / "config.json"), "--resume"]
     assert train.env["NPROC_PER_NODE"] == "1"
+
+
+def test_dependent_job_cancelled_before_start_names_its_dependency(run):
+    recipe, run_dir, manifest, job = run
+    _submit(manifest, job, "13", [0, 1, 2, 3], dependency=["9"])
+    states = {t.task_id: t for t in parse_sacct("13_[0-3]|CANCELLED by 0|0:0|None|2026-11-27T10:00:00|None assigned|"
+                                                "Dependency\n")}
+    shards = stage_status(run_dir, manifest, recipe, "generate", states)
+    assert {s.state for s in shards} == {"failed"}
+    assert shards[0].reason.startswith("CANCELLED before it started: job 9")
