@@ -11,6 +11,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("dflashkit.prepare", "build the SmolLM2 HF model and the MT-Bench/ShareGPT prompt sets in the cache"),
     "generate": ("dflashkit.generate", "run one generate shard against a running server (server_generate.py)"),
+    "export": ("dflashkit.export", "export a trained draft as the HF folder vLLM (dflash) and SGLang (DFLASH) serve"),
+    "eval": ("dflashkit.eval", "acceptance (tau, per position, lossless check) by our loop and through vLLM"),
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
     "check-template": ("dflashkit.templates", "prove a training template's tokens and generation spans are exact"),
     "plan-dump": ("dflashkit.dump.plan", "disk of a hidden-state dump (per token, per conversation, total) from a model config"),

@@ -1,0 +1,246 @@
+"""`dflashkit eval`: acceptance of a draft, measured by our loop and, with `--vllm`, by a real vLLM server.
+
+    dflashkit eval --draft RUN/export/draft --target MODEL_DIR --out RUN/eval \
+        --mtbench prompts/mtbench.jsonl [--heldout prompts/sharegpt.jsonl --heldout-skip 16] \
+        [--vllm --vllm-extra-args "--dtype float32 --enforce-eager"] [--sampling-temperature 0.7]
+
+Writes OUT/report.json (tau, per-position acceptance and the acceptance-length histogram, overall and per category;
+the lossless check; vLLM's figures and how they agree with ours), OUT/generations.jsonl (one line per prompt) and PNG
+plots when matplotlib is installed. `--draft` is an exported folder (`dflashkit export`) or a training checkpoint; vLLM
+is given it as it is, so export first for `--vllm`. Exit code 1 when the lossless check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dflashkit.eval.prompts import EvalPrompt, load_prompts
+from dflashkit.eval.spec import Generation, SpeculativeDecoder, acceptance_stats
+from dflashkit.eval.vllm_metrics import SpecCounters, VllmClient
+from dflashkit.io import JsonlAppender, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the GPU machines' minimal environment has no tqdm
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr)
+
+
+def summarize(accepted: dict[str, list[int]], prompts: list[EvalPrompt], num_drafted: int) -> dict:
+    """Our figures overall and per category from the accepted counts of every step of every prompt."""
+    by_cat: dict[str, list[int]] = {}
+    for p in prompts:
+        by_cat.setdefault(p.category, []).extend(accepted[p.id])
+    return {"overall": acceptance_stats([a for p in prompts for a in accepted[p.id]], num_drafted),
+            "by_category": {c: acceptance_stats(acc, num_drafted) for c, acc in sorted(by_cat.items())}}
+
+
+def run_ours(decoder: SpeculativeDecoder, prompts: list[EvalPrompt], max_new_tokens: int, temperature: float,
+             eos: set[int], seed: int) -> dict[str, Generation]:
+    generator = torch.Generator(device=decoder.device).manual_seed(seed)
+    return {p.id: decoder.generate(p.prompt_ids, max_new_tokens, temperature, eos, generator)
+            for p in _progress(prompts, f"ours T={temperature}")}
+
+
+def lossless_check(decoder: SpeculativeDecoder, prompts: list[EvalPrompt], greedy: dict[str, Generation],
+                   max_new_tokens: int, eos: set[int]) -> dict:
+    """Greedy speculative output against the target decoding alone, token by token."""
+    mismatches = []
+    for p in _progress(prompts, "target alone"):
+        reference = decoder.generate_target_only(p.prompt_ids, max_new_tokens, eos)
+        ours = greedy[p.id].output_ids
+        if reference != ours:
+            first = next((i for i, (a, b) in enumerate(zip(reference, ours)) if a != b), min(len(reference), len(ours)))
+            mismatches.append({"id": p.id, "first_difference": first})
+    return {"prompts": len(prompts), "identical": len(prompts) - len(mismatches), "mismatches": mismatches}
+
+
+def _settled(client: VllmClient, timeout: float = 5.0) -> SpecCounters:
+    """The counters once they stop moving: vLLM records a request's last step around when it answers."""
+    last = client.counters()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = client.counters()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def run_vllm(client: VllmClient, prompts: list[EvalPrompt], max_new_tokens: int) -> dict[str, tuple[list[int], SpecCounters]]:
+    """Greedy completions one request at a time, with each request's share of vLLM's spec-decode counters."""
+    results = {}
+    before = _settled(client)
+    for p in _progress(prompts, "vLLM T=0"):
+        output = client.complete(p.prompt_ids, max_new_tokens, temperature=0.0)
+        after = _settled(client)
+        results[p.id] = (output, after - before)
+        before = after
+    return results
+
+
+def summarize_vllm(results: dict[str, tuple[list[int], SpecCounters]], prompts: list[EvalPrompt]) -> dict:
+    def total(ids: list[str]) -> SpecCounters:
+        parts = [results[i][1] for i in ids]
+        return SpecCounters(sum(c.drafts for c in parts), sum(c.accepted for c in parts),
+                            [sum(col) for col in zip(*(c.per_position for c in parts))])
+
+    cats = sorted({p.category for p in prompts})
+    return {"overall": total([p.id for p in prompts]).stats(),
+            "by_category": {c: total([p.id for p in prompts if p.category == c]).stats() for c in cats}}
+
+
+def agreement(ours: dict, vllm: dict, greedy: dict[str, Generation], vllm_results: dict) -> dict:
+    o, v = ours["overall"], vllm["overall"]
+    same_counts = sum(1 for i, g in greedy.items()
+                      if (g.steps, sum(g.accepted)) == (vllm_results[i][1].drafts, vllm_results[i][1].accepted))
+    return {
+        "tau_ours": o["tau"], "tau_vllm": v["tau"],
+        "tau_abs_diff": abs(o["tau"] - v["tau"]) if o["tau"] is not None and v["tau"] is not None else None,
+        "per_position_max_abs_diff": max((abs(a - b) for a, b in zip(o["per_position"], v["per_position"])),
+                                         default=0.0),
+        "prompts": len(greedy),
+        "prompts_with_identical_step_counts": same_counts,
+        "outputs_identical": sum(1 for i, g in greedy.items() if g.output_ids == vllm_results[i][0]),
+    }
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dflashkit.export import load_draft, resolve_checkpoint
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
+    kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else None
+    prompts: list[EvalPrompt] = []
+    if args.mtbench:
+        prompts += load_prompts(args.mtbench, tokenizer, per_category=args.per_category, limit=args.limit,
+                                chat_template=template, template_kwargs=kwargs)
+    if args.heldout:
+        prompts += load_prompts(args.heldout, tokenizer, category="heldout", skip=args.heldout_skip,
+                                limit=args.heldout_count, chat_template=template, template_kwargs=kwargs)
+    if not prompts:
+        raise ValueError("no prompts: pass --mtbench and/or --heldout")
+    if len({p.id for p in prompts}) != len(prompts):
+        raise ValueError("prompt ids repeat across the prompt sets")
+    log.info("%d prompts: %s", len(prompts), {c: sum(p.category == c for p in prompts)
+                                              for c in sorted({p.category for p in prompts})})
+
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=args.dtype, device_map=args.device)
+    draft_dir = resolve_checkpoint(args.draft)
+    draft = load_draft(draft_dir).to(device=target.get_output_embeddings().weight.device)
+    decoder = SpeculativeDecoder(target, draft, args.block_size)
+    drafted = decoder.block_size - 1
+    eos = {int(t) for t in ([target.generation_config.eos_token_id] if isinstance(
+        target.generation_config.eos_token_id, int) else target.generation_config.eos_token_id or [])}
+    eos.add(tokenizer.eos_token_id)
+
+    greedy = run_ours(decoder, prompts, args.max_new_tokens, 0.0, eos, args.seed)
+    report: dict = {"config": {k: v for k, v in vars(args).items()} | {"draft_dir": str(draft_dir),
+                                                                       "num_drafted": drafted},
+                    "ours": summarize({i: g.accepted for i, g in greedy.items()}, prompts, drafted)}
+    if args.sampling_temperature:
+        sampled = run_ours(decoder, prompts, args.max_new_tokens, args.sampling_temperature, eos, args.seed)
+        report["ours_sampling"] = {"temperature": args.sampling_temperature,
+                                   **summarize({i: g.accepted for i, g in sampled.items()}, prompts, drafted)}
+    if not args.skip_lossless:
+        report["lossless"] = lossless_check(decoder, prompts, greedy, args.max_new_tokens, eos)
+
+    vllm_results = {}
+    if args.vllm:
+        from dflashkit.serve import running_server, split_extra_args
+
+        spec = json.dumps({"method": "dflash", "model": str(draft_dir), "num_speculative_tokens": drafted})
+        extra = ["--speculative-config", spec, *split_extra_args(args.vllm_extra_args)]
+        with running_server("vllm", args.target, "eval-target", out / "vllm-server.log", extra_args=extra,
+                            timeout=args.vllm_startup_timeout) as server:
+            client = VllmClient(server.url, server.api_key, server.model)
+            vllm_results = run_vllm(client, prompts, args.max_new_tokens)
+        report["vllm"] = summarize_vllm(vllm_results, prompts)
+        report["agreement"] = agreement(report["ours"], report["vllm"], greedy, vllm_results)
+
+    with JsonlAppender(out / "generations.jsonl", truncate=True) as f:
+        for p in prompts:
+            row = {"id": p.id, "category": p.category, "prompt_tokens": len(p.prompt_ids),
+                   "output_ids": greedy[p.id].output_ids, "accepted": greedy[p.id].accepted}
+            if p.id in vllm_results:
+                row |= {"vllm_output_ids": vllm_results[p.id][0], "vllm_steps": int(vllm_results[p.id][1].drafts),
+                        "vllm_accepted_tokens": int(vllm_results[p.id][1].accepted)}
+            f.write(row)
+    atomic_write_json(out / "report.json", report)
+
+    from dflashkit.eval.plots import training_curve, write_plots
+
+    rows = training_curve(args.train_log) if args.train_log else None
+    write_plots(report, out / "plots", rows)
+    log.info("%s", headline(report))
+    print(headline(report))
+    lossless = report.get("lossless")
+    return 1 if lossless and lossless["mismatches"] else 0
+
+
+def headline(report: dict) -> str:
+    o = report["ours"]["overall"]
+    parts = [f"tau ours {o['tau']:.3f} over {o['steps']} steps"]
+    if "vllm" in report:
+        a = report["agreement"]
+        parts.append(f"vLLM {a['tau_vllm']:.3f} (|diff| {a['tau_abs_diff']:.3f}, identical outputs "
+                     f"{a['outputs_identical']}/{a['prompts']})")
+    if "lossless" in report:
+        ll = report["lossless"]
+        parts.append(f"lossless {ll['identical']}/{ll['prompts']}")
+    return "; ".join(parts)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dflashkit eval", description=__doc__.splitlines()[0])
+    p.add_argument("--draft", required=True, help="exported draft folder or training checkpoint")
+    p.add_argument("--target", required=True, help="the target's HF folder")
+    p.add_argument("--out", required=True, help="output dir (report.json, generations.jsonl, plots/)")
+    p.add_argument("--mtbench", help="MT-Bench prompt records (.jsonl), reported per category (first turns)")
+    p.add_argument("--per-category", type=int, default=None, help="at most this many MT-Bench prompts per category")
+    p.add_argument("--limit", type=int, default=None, help="at most this many MT-Bench prompts")
+    p.add_argument("--heldout", help="training prompt records (.jsonl); a slice training did not use")
+    p.add_argument("--heldout-skip", type=int, default=0, help="records of --heldout to skip (those trained on)")
+    p.add_argument("--heldout-count", type=int, default=20, help="held-out prompts to evaluate")
+    p.add_argument("--chat-template", help="a Jinja chat template file (default: the tokenizer's)")
+    p.add_argument("--chat-template-kwargs", help='JSON, e.g. \'{"thinking_mode": "disabled"}\'')
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=None, help="verify block size B (default: the draft's)")
+    p.add_argument("--sampling-temperature", type=float, default=0.0,
+                   help="also run our loop sampling at this temperature (0: greedy only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-lossless", action="store_true", help="skip decoding with the target alone")
+    p.add_argument("--dtype", default="auto", help="target dtype for transformers (auto, float32, bfloat16)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="transformers device_map for the target (cpu, cuda, auto)")
+    p.add_argument("--vllm", action="store_true", help="also measure through a vLLM server started with the draft")
+    p.add_argument("--vllm-extra-args", default="", help="extra vLLM server flags, one string (shell word rules)")
+    p.add_argument("--vllm-startup-timeout", type=float, default=900)
+    p.add_argument("--train-log", help="the trainer's metrics.jsonl, for the loss curve plot")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("eval configuration: %s", json.dumps(vars(args)))
+    try:
+        return evaluate(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        log.error("eval failed: %s", e)
+        return 2
