@@ -29,7 +29,7 @@ from .layers import (
     hidden_size,
     num_hidden_layers,
 )
-from .records import iter_generated, record_messages
+from .records import generated_files, iter_generated, record_messages
 from .tokenize import tokenize_conversation
 
 log = logging.getLogger("dflashkit.dump")
@@ -151,6 +151,7 @@ def run_shard(args: argparse.Namespace) -> int:
     if done.exists():
         log.info("%s is already done (%s); nothing to do", stem, done)
         return EXIT_OK
+    generated_files(args.input)  # a missing or empty input fails here, before anything is written
     static = resolve_model(args)
     log.info("target layers %s (%s); final state %s", static["target_layer_ids"], CONVENTION, FINAL_STATE)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,4 +258,8 @@ def main(argv: list[str] | None = None, backend: str | None = None, prog: str = 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv, prog, backend)
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
-    return run_shard(args)
+    try:
+        return run_shard(args)
+    except (fmt.DumpFormatError, FileNotFoundError) as e:  # the shard cannot start: one clear line, exit 1
+        log.error("%s", e)
+        return EXIT_FAILED
