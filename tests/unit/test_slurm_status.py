@@ -175,3 +175,16 @@ def test_dependent_job_cancelled_before_start_names_its_dependency(run):
     shards = stage_status(run_dir, manifest, recipe, "generate", states)
     assert {s.state for s in shards} == {"failed"}
     assert shards[0].reason.startswith("CANCELLED before it started: job 9")
+
+
+def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
+    from dflashkit.slurm import pick_executor
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert pick_executor("auto") == "local"
+    with pytest.raises(StageUnavailable, match="sbatch is not on PATH"):
+        pick_executor("slurm")
+    fake = tmp_path / "sbatch"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert pick_executor("auto") == "slurm"
