@@ -15,7 +15,13 @@ set -euo pipefail
 
 die() { echo "worker.sh: $*" >&2; exit 1; }
 
+# sbatch runs a copy of this script from its spool dir, so find the checkout: next to the script, else DFLASHKIT_ROOT,
+# else the submit dir.
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+for dir in "$HERE" "${DFLASHKIT_ROOT:-}" "${SLURM_SUBMIT_DIR:-}"; do
+  [[ -n "$dir" && -f "$dir/server_generate.py" ]] && { HERE=$dir; break; }
+done
+[[ -f "$HERE/server_generate.py" ]] || die "cannot find server_generate.py: set DFLASHKIT_ROOT to the dflashkit checkout"
 PYTHON=${PYTHON:-python3}
 BACKEND=${BACKEND:-vllm}
 : "${MODEL:?worker.sh: set MODEL}" "${INPUT:?worker.sh: set INPUT}" "${OUTPUT_DIR:?worker.sh: set OUTPUT_DIR}"
@@ -51,6 +57,38 @@ fi
 if ((SERVERS_PER_NODE > 1 && ${#DEVICES[@]} < SERVERS_PER_NODE * TP_SIZE)); then
   die "SERVERS_PER_NODE=$SERVERS_PER_NODE x TP_SIZE=$TP_SIZE needs $((SERVERS_PER_NODE * TP_SIZE)) GPUs, have ${#DEVICES[@]}"
 fi
+
+GEN_ARGS=(--input "$INPUT" --output-dir "$OUTPUT_DIR" --model "$SERVED_MODEL_NAME")
+add() { [[ -n "${2:-}" ]] && GEN_ARGS+=("$1" "$2"); return 0; }
+add --num-shards "${NUM_SHARDS:-}"
+add --shard-id "${SHARD_ID:-}"
+add --thinking-modes "${THINKING_MODES:-}"
+add --thinking-mode-key "${THINKING_MODE_KEY:-}"
+add --thinking-mode-map "${THINKING_MODE_MAP:-}"
+add --chat-template-kwargs "${CHAT_TEMPLATE_KWARGS:-}"
+add --output-format "${OUTPUT_FORMAT:-}"
+add --on-length "${ON_LENGTH:-}"
+add --temperature "${TEMPERATURE:-}"
+add --top-p "${TOP_P:-}"
+add --max-tokens "${MAX_TOKENS:-}"
+add --seed "${SEED:-}"
+add --concurrency "${CONCURRENCY:-}"
+add --max-conversations "${MAX_CONVERSATIONS:-}"
+add --system-prompt "${SYSTEM_PROMPT:-}"
+add --request-timeout "${REQUEST_TIMEOUT:-}"
+add --max-retries "${MAX_RETRIES:-}"
+if [[ -n "${THINK_OPEN_TAG:-}${THINK_CLOSE_TAG:-}" ]]; then
+  GEN_ARGS+=(--think-tags "${THINK_OPEN_TAG:-<think>}" "${THINK_CLOSE_TAG:-</think>}")
+fi
+[[ "${1:-}" == "--" ]] && shift
+GEN_ARGS+=("$@")
+
+# A finished shard (a requeued or resubmitted task) must not pay for a server start.
+if "$PYTHON" "$HERE/server_generate.py" "${GEN_ARGS[@]}" --check-done; then
+  echo "worker.sh: shard already done; nothing to do" >&2
+  exit 0
+fi
+
 
 SERVER_PIDS=()
 SERVER_LOGS=()
@@ -94,36 +132,13 @@ for ((i = 0; i < SERVERS_PER_NODE; i++)); do
 done
 
 for ((i = 0; i < SERVERS_PER_NODE; i++)); do
+  # In the background, so that `wait` (which a signal interrupts) lets the TERM/INT traps run at once.
   "$PYTHON" -m dflashkit.serve wait --url "${URLS[i]}" --pid "${SERVER_PIDS[i]}" \
-    --timeout "$SERVER_STARTUP_TIMEOUT" --log "${SERVER_LOGS[i]}" || die "server $i did not come up"
+    --timeout "$SERVER_STARTUP_TIMEOUT" --log "${SERVER_LOGS[i]}" &
+  wait $! || die "server $i did not come up"
   echo "worker.sh: server $i healthy at ${URLS[i]}" >&2
+  GEN_ARGS+=(--base-url "${URLS[i]}/v1")
 done
-
-GEN_ARGS=(--input "$INPUT" --output-dir "$OUTPUT_DIR" --model "$SERVED_MODEL_NAME")
-for url in "${URLS[@]}"; do GEN_ARGS+=(--base-url "$url/v1"); done
-add() { [[ -n "${2:-}" ]] && GEN_ARGS+=("$1" "$2"); return 0; }
-add --num-shards "${NUM_SHARDS:-}"
-add --shard-id "${SHARD_ID:-}"
-add --thinking-modes "${THINKING_MODES:-}"
-add --thinking-mode-key "${THINKING_MODE_KEY:-}"
-add --thinking-mode-map "${THINKING_MODE_MAP:-}"
-add --chat-template-kwargs "${CHAT_TEMPLATE_KWARGS:-}"
-add --output-format "${OUTPUT_FORMAT:-}"
-add --on-length "${ON_LENGTH:-}"
-add --temperature "${TEMPERATURE:-}"
-add --top-p "${TOP_P:-}"
-add --max-tokens "${MAX_TOKENS:-}"
-add --seed "${SEED:-}"
-add --concurrency "${CONCURRENCY:-}"
-add --max-conversations "${MAX_CONVERSATIONS:-}"
-add --system-prompt "${SYSTEM_PROMPT:-}"
-add --request-timeout "${REQUEST_TIMEOUT:-}"
-add --max-retries "${MAX_RETRIES:-}"
-if [[ -n "${THINK_OPEN_TAG:-}${THINK_CLOSE_TAG:-}" ]]; then
-  GEN_ARGS+=(--think-tags "${THINK_OPEN_TAG:-<think>}" "${THINK_CLOSE_TAG:-</think>}")
-fi
-[[ "${1:-}" == "--" ]] && shift
-GEN_ARGS+=("$@")
 
 ( export OPENAI_API_KEY="$API_KEY"; exec "$PYTHON" "$HERE/server_generate.py" "${GEN_ARGS[@]}" ) &
 GEN_PID=$!

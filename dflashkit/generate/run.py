@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=5, help="retries on connection errors, 429 and 5xx")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--check-done", action="store_true",
+                   help="only report: exit 0 if this shard's done-marker exists, else 1 (needs no server)")
     return p
 
 
@@ -283,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.base_url is None:
         urls = _csv(os.environ.get("DFLASHKIT_BASE_URLS", ""))
-        if not urls:
+        if not urls and not args.check_done:
             p.error("--base-url is required (or set DFLASHKIT_BASE_URLS)")
         args.base_url = urls
     if args.shard_id is None:
@@ -307,5 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpx2", "openai"):  # one line per request drowns the shard's own log
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
+    if args.check_done:
+        return EXIT_OK if ShardPaths.of(Path(args.output_dir), args.shard_id, args.num_shards).done.exists() else 1
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
     return run_shard(args)

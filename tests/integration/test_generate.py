@@ -82,6 +82,12 @@ def test_worker_two_shards_thinking_modes(prompt_dir, tmp_path, worker_env, vllm
         server_log = (out / "logs" / f"server-local_1-{i}.log").read_text()
         assert "POST /v1/chat/completions" in server_log
 
+    # A requeued or resubmitted task of a finished shard exits at once, without starting a server.
+    t0 = time.monotonic()
+    again = run_worker({**env, "SHARD_ID": "0"})
+    assert again.returncode == 0 and "shard already done" in again.stderr
+    assert "starting vllm server" not in again.stderr and time.monotonic() - t0 < 30
+
     inputs = jsonl(prompt_dir / "a_mtbench.jsonl") + jsonl(prompt_dir / "b_sharegpt.jsonl")
     records = []
     for shard in range(2):
@@ -199,6 +205,23 @@ def test_startup_timeout_stops_the_server(prompt_dir, tmp_path, worker_env):
     assert res.returncode != 0
     assert time.monotonic() - t0 < 60
     assert "not healthy after 3s" in res.stderr
+    assert _server_processes(name) == []
+
+
+def test_sigterm_to_the_worker_alone_stops_it_during_startup(prompt_dir, tmp_path, worker_env):
+    """Slurm signals the whole job, but an operator may `kill` just the worker: it must not wait out the startup."""
+    name = f"term-{secrets.token_hex(4)}"
+    env = worker_env(INPUT=str(prompt_dir), OUTPUT_DIR=str(tmp_path / "gen"), SERVED_MODEL_NAME=name)
+    proc = subprocess.Popen(["bash", str(WORKER)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not _server_processes(name) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    code = proc.wait(timeout=90)
+    assert code == 143 and time.monotonic() - t0 < 45, proc.stdout.read()[-2000:]
     assert _server_processes(name) == []
 
 
