@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..formats import BadRecord, read_conversation
-from ..io import iter_jsonl, safe_id
+from ..generate.inputs import records_of_file
+from ..io import safe_id
 
 log = logging.getLogger("dflashkit.dump")
 
@@ -64,12 +65,15 @@ def _template_kwargs(record: dict) -> dict:
 def iter_generated(path: str | Path) -> Iterator[GeneratedRecord]:
     position = 0
     for file in generated_files(path):
-        for lineno, obj in iter_jsonl(file):
-            source = f"{file.name}:{lineno}"
-            index = obj.get("generation", {}).get("index") if isinstance(obj, dict) else None
+        # Line by line: a malformed line (a torn tail of an unfinished shard, bad bytes) is that record's error only.
+        for source, obj, line_error in records_of_file(file, file.name):
+            generation = obj.get("generation") if isinstance(obj, dict) else None
+            index = generation.get("index") if isinstance(generation, dict) else None
             key = index if isinstance(index, int) else position
             position += 1
             try:
+                if line_error is not None:
+                    raise line_error
                 if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
                     raise BadRecord("missing_key", "record has no string id")
                 if safe_id(obj["id"]) != obj["id"]:
