@@ -41,7 +41,7 @@ def _source_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no such file or directory")
 
 
-def _records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
+def records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
     """Yield (source, record, error). A malformed line becomes an error for that line only."""
     if path.suffix == ".json":
         with open(path, encoding="utf-8") as f:
@@ -88,7 +88,7 @@ def _raw_records(spec: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
     files = _source_files(path)
     root = path if path.is_dir() else path.parent
     for f in files:
-        yield from _records_of_file(f, str(f.relative_to(root)))
+        yield from records_of_file(f, str(f.relative_to(root)))
 
 
 def _default_id(source: str) -> str:
