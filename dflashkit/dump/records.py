@@ -67,7 +67,8 @@ def iter_generated(path: str | Path) -> Iterator[GeneratedRecord]:
     for file in generated_files(path):
         # Line by line: a malformed line (a torn tail of an unfinished shard, bad bytes) is that record's error only.
         for source, obj, line_error in records_of_file(file, file.name):
-            index = obj.get("generation", {}).get("index") if isinstance(obj, dict) else None
+            generation = obj.get("generation") if isinstance(obj, dict) else None
+            index = generation.get("index") if isinstance(generation, dict) else None
             key = index if isinstance(index, int) else position
             position += 1
             try:
