@@ -68,26 +68,29 @@ def render_training(tokenizer, messages: list[dict], template: str, kwargs: dict
     return ids, mask
 
 
-def expected_outputs(messages: list[dict], close_tag: str | None, history_reasoning: str,
+def expected_outputs(messages: list[dict], think_tags: tuple[str, str] | None, history_reasoning: str,
                      strip_newlines: bool = False) -> list[str]:
     """What each assistant turn's span must hold, before the end-of-turn token (see the module doc).
 
-    `strip_newlines`: the template re-renders a reply as reasoning.strip("\\n") + "\\n" + CLOSE + "\\n\\n" +
-    answer.strip("\\n") (MiniMax-M2), so a reply whose newlines differ from that form is trained as re-rendered.
+    `strip_newlines` (MiniMax-M2): a reply holding a think-close tag is re-rendered as "<think>\\n" (the generation
+    prompt's, outside the span) + reasoning + "\\n</think>\\n\\n" + answer, with newlines around reasoning and answer
+    stripped and an opening tag the reply wrote itself dropped; the span holds what follows "<think>\\n".
     """
+    open_tag, close_tag = think_tags or (None, None)
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         text = m["content"]
-        has_reasoning = bool(close_tag) and close_tag in text
-        answer = text.split(close_tag)[-1] if has_reasoning else text
-        if history_reasoning == "drop" and i < last_user and has_reasoning:
-            text = answer.strip("\n")
-        elif strip_newlines:
-            reasoning = text.split(close_tag)[0].strip("\n") if has_reasoning else ""
-            text = (f"{reasoning}\n{close_tag}\n\n" if reasoning else "") + answer.strip("\n")
+        if close_tag and close_tag in text:
+            answer = text.split(close_tag)[-1]
+            if history_reasoning == "drop" and i < last_user:
+                text = answer.strip("\n")
+            elif strip_newlines:
+                reasoning = text.split(close_tag)[0].strip("\n").split(open_tag)[-1].strip("\n")
+                answer = answer.strip("\n")
+                text = f"{reasoning}\n{close_tag}\n\n{answer}" if reasoning else answer
         out.append(text)
     return out
 
@@ -102,8 +105,8 @@ class TemplateCheck:
 
 
 def check_conversation(tokenizer, messages: list[dict], kwargs: dict, training: str, model: str, end_of_turn: str,
-                       close_tag: str | None = None, history_reasoning: str = "keep", strip_newlines: bool = False,
-                       name: str = "") -> TemplateCheck:
+                       think_tags: tuple[str, str] | None = None, history_reasoning: str = "keep",
+                       strip_newlines: bool = False, name: str = "") -> TemplateCheck:
     problems: list[str] = []
     common = dict(tokenize=False, add_generation_prompt=False, **kwargs)
     text_model = tokenizer.apply_chat_template(messages, chat_template=model, **common)
@@ -118,7 +121,7 @@ def check_conversation(tokenizer, messages: list[dict], kwargs: dict, training: 
     if ids != model_ids:
         problems.append(f"token ids differ from the model template's ({len(ids)} vs {len(model_ids)} tokens)")
     spans = assistant_spans(mask)
-    wanted = [w + end_of_turn for w in expected_outputs(messages, close_tag, history_reasoning, strip_newlines)]
+    wanted = [w + end_of_turn for w in expected_outputs(messages, think_tags, history_reasoning, strip_newlines)]
     if len(spans) != len(wanted):
         problems.append(f"{len(spans)} generation spans for {len(wanted)} assistant turns")
     for n, ((a, b), want) in enumerate(zip(spans, wanted)):
@@ -139,7 +142,8 @@ def synthetic_conversations(think_tags: tuple[str, str], modes: list[str], mode_
     block or answer directly; with thinking disabled it is the answer alone.
     """
     open_tag, close_tag = think_tags
-    answers = ["Paris is the capital of France.", "Sure:\n- one\n- two", "42, because 6 * 7 = 42.\n"]
+    # Trailing newlines on some answers: templates that strip them when re-rendering must say so (--strip-newlines).
+    answers = ["Paris is the capital of France.", "Sure:\n- one\n- two\n", "42, because 6 * 7 = 42.\n"]
 
     def reply(mode: str, turn: int) -> str:
         reasoning = f"The user asks question {turn}; recall the fact and answer briefly."
@@ -217,7 +221,7 @@ def run_checks(args: argparse.Namespace) -> list[TemplateCheck]:
     convos = list(synthetic_conversations(tuple(args.think_tags), args.thinking_modes, args.thinking_mode_key))
     if args.input:
         convos += list(conversations_from_records(args.input, args.num))
-    return [check_conversation(tokenizer, msgs, kwargs, training, model, args.end_of_turn, args.think_tags[1],
+    return [check_conversation(tokenizer, msgs, kwargs, training, model, args.end_of_turn, tuple(args.think_tags),
                                args.history_reasoning, args.strip_newlines, name) for name, msgs, kwargs in convos]
 
 

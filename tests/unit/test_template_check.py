@@ -28,7 +28,7 @@ def tokenizer():
 def check_all(tokenizer, case, training_text=None):
     training = training_text or templates.read_template(case["training"])
     model = templates.read_template(case["model"])
-    return [templates.check_conversation(tokenizer, msgs, kwargs, training, model, case["eot"], case["tags"][1],
+    return [templates.check_conversation(tokenizer, msgs, kwargs, training, model, case["eot"], case["tags"],
                                          case["history"], case["strip"], name)
             for name, msgs, kwargs in templates.synthetic_conversations(case["tags"], case["modes"], "thinking_mode")]
 
