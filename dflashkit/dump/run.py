@@ -37,7 +37,7 @@ log = logging.getLogger("dflashkit.dump")
 EXIT_OK, EXIT_FAILED = 0, 1
 # Reasons that mean "the input breaks a rule" (kind skipped); anything else is kind error.
 SKIP_REASONS = {"too_long", "empty", "no_assistant_turn", "role_order", "missing_key", "bad_id", "duplicate_id",
-                "unknown_role", "non_text_content", "bad_type", "ambiguous"}
+                "unknown_role", "non_text_content", "bad_type", "ambiguous", "bad_json", "bad_encoding"}
 
 
 def _ints(text: str) -> list[int]:
