@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dflashkit.eval.prompts import EvalPrompt, load_prompts
 from dflashkit.eval.spec import Generation, SpeculativeDecoder, acceptance_stats
@@ -29,11 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def _progress(items, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the GPU machines' minimal environment has no tqdm
-        return items
-    return tqdm(items, desc=desc, file=sys.stderr)
+    return tqdm(items, desc=desc, file=sys.stderr)  # tqdm comes with transformers
 
 
 def summarize(accepted: dict[str, list[int]], prompts: list[EvalPrompt], num_drafted: int) -> dict:
