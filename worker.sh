@@ -40,6 +40,10 @@ case "$BACKEND" in
 esac
 [[ "$SERVERS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "SERVERS_PER_NODE must be a positive integer"
 [[ "$TP_SIZE" =~ ^[1-9][0-9]*$ ]] || die "TP_SIZE must be a positive integer"
+# Checked before any $((...)): bash arithmetic evaluates a variable's text, so 'a[$(cmd)]' would run cmd.
+TASK_NUM=${SLURM_ARRAY_TASK_ID:-${SHARD_ID:-0}}
+[[ "$TASK_NUM" =~ ^[0-9]+$ ]] || die "SHARD_ID / SLURM_ARRAY_TASK_ID must be a non-negative integer"
+[[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "PORT_BASE must be a non-negative integer"
 mkdir -p "$LOG_DIR" "$OUTPUT_DIR"
 
 # The per-job key: API_KEY if the caller set one, else made here; handed to servers and client through their
@@ -112,7 +116,6 @@ trap 'stop_all' EXIT
 trap 'echo "worker.sh: interrupted, stopping servers" >&2; exit 143' TERM
 trap 'echo "worker.sh: interrupted, stopping servers" >&2; exit 130' INT
 
-TASK_NUM=${SLURM_ARRAY_TASK_ID:-${SHARD_ID:-0}}
 for ((i = 0; i < SERVERS_PER_NODE; i++)); do
   PORT=$("$PYTHON" -m dflashkit.serve free-port --preferred $((PORT_BASE + (TASK_NUM * SERVERS_PER_NODE + i) % 20000)))
   mapfile -d '' -t CMD < <("$PYTHON" -m dflashkit.serve command --backend "$BACKEND" --model "$MODEL" \
