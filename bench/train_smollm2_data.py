@@ -19,10 +19,18 @@ import torch
 
 
 def hf_from_gguf(gguf: Path, tokenizer_dir: Path, out: Path) -> None:
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model.save_pretrained(out)
+    # A GGUF-loaded model stays marked as quantized and refuses save_pretrained; its weights are dequantized already.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    tied = config.get("tie_word_embeddings", False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         if (tokenizer_dir / name).exists():
             shutil.copy(tokenizer_dir / name, out / name)

@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from dflashkit.dump.layers import default_target_layer_ids
 from dflashkit.model import DFlashConfig, TargetHead
 from dflashkit.train.config import DataSpec, DraftSpec, TrainConfig
 from dflashkit.train.data import anchor_generator, collate, sample_anchors
@@ -21,13 +22,12 @@ from dflashkit.train.distributed import init_distributed
 from dflashkit.train.loop import Trainer
 
 PRESETS = {
-    # hidden, target layers, draft layers, heads, kv heads, head_dim, intermediate, block, anchors, seq, vocab
-    "qwen3-8b": dict(hidden_size=4096, num_target_layers=36, num_hidden_layers=5, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, block_size=16, anchors=512,
-                     seq=3072, vocab_size=151936),
-    "smollm2": dict(hidden_size=576, num_target_layers=30, num_hidden_layers=1, num_attention_heads=9,
-                    num_key_value_heads=3, head_dim=64, intermediate_size=1536, block_size=16, anchors=64,
-                    seq=1024, vocab_size=49152),
+    "qwen3-8b": {"hidden_size": 4096, "num_target_layers": 36, "num_hidden_layers": 5, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "block_size": 16,
+                 "anchors": 512, "seq": 3072, "vocab_size": 151936},
+    "smollm2": {"hidden_size": 576, "num_target_layers": 30, "num_hidden_layers": 1, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536, "block_size": 16,
+                "anchors": 64, "seq": 1024, "vocab_size": 49152},
 }
 
 
@@ -55,10 +55,9 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, help="override the preset's anchors per sequence")
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
-    seq, anchors = args.seq or p.pop("seq"), args.anchors or p.pop("anchors")
-    p.pop("seq", None), p.pop("anchors", None)
-    n_fused = 5
-    dcfg = DFlashConfig(**p, target_layer_ids=list(range(1, p["num_target_layers"] - 3, 8))[:n_fused],
+    preset_seq, preset_anchors = p.pop("seq"), p.pop("anchors")
+    seq, anchors = args.seq or preset_seq, args.anchors or preset_anchors
+    dcfg = DFlashConfig(**p, target_layer_ids=default_target_layer_ids(p["num_target_layers"], 5),
                         mask_token_id=p["vocab_size"] - 1)
     cfg = TrainConfig(target_model="synthetic", output_dir="unused", attention=args.attention,
                       model=DraftSpec(num_layers=dcfg.num_hidden_layers, block_size=dcfg.block_size,

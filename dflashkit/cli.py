@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dflashkit.generate", "run one generate shard against a running server (server_generate.py)"),
     "export": ("dflashkit.export", "export a trained draft as the HF folder vLLM (dflash) and SGLang (DFLASH) serve"),
     "eval": ("dflashkit.eval", "acceptance (tau, per position, lossless check) by our loop and through vLLM"),
+    "train": ("dflashkit.train", "train a DFlash draft from hidden-state dumps; torchrun for many GPUs (train_dflash.py)"),
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
     "check-template": ("dflashkit.templates", "prove a training template's tokens and generation spans are exact"),
     "plan-dump": ("dflashkit.dump.plan", "disk of a hidden-state dump (per token, per conversation, total) from a model config"),
