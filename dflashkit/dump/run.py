@@ -68,6 +68,8 @@ def build_parser(prog: str, backend: str | None) -> argparse.ArgumentParser:
     p.add_argument("--language-model-only", action="store_true", help="vLLM: load only the text model of a VL model")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="vLLM prefill token budget per step; longer prompts are prefilled in chunks")
     p.add_argument("--batch-size", type=int, default=None,
                    help="conversations per backend call (vllm 64, hf 1); vLLM keeps each capture file of a call on "
                         "disk until it is read")
@@ -131,7 +133,8 @@ def make_backend(args: argparse.Namespace, meta: dict):
     return VLLMBackend(args.model, meta["dtype"], meta["target_layer_ids"], meta["num_hidden_layers"],
                        args.max_seq_len, args.output_dir, tp=args.tp, block_size=args.block_size,
                        enforce_eager=args.enforce_eager, language_model_only=args.language_model_only,
-                       trust_remote_code=args.trust_remote_code, gpu_memory_utilization=args.gpu_memory_utilization)
+                       trust_remote_code=args.trust_remote_code, gpu_memory_utilization=args.gpu_memory_utilization,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 class Counters:

@@ -30,7 +30,7 @@ class VLLMBackend:
     def __init__(self, model: str, dtype: str, target_layer_ids: list[int], num_layers: int, max_seq_len: int,
                  scratch_dir: str | os.PathLike, tp: int = 1, block_size: int | None = None,
                  enforce_eager: bool = False, language_model_only: bool = False, trust_remote_code: bool = False,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, max_num_batched_tokens: int | None = None):
         from vllm import LLM
 
         Path(scratch_dir).mkdir(parents=True, exist_ok=True)
@@ -43,6 +43,8 @@ class VLLMBackend:
             extra["language_model_only"] = True
         if gpu_memory_utilization is not None:
             extra["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_num_batched_tokens is not None:  # prompts longer than this are prefilled in chunks (tested equal)
+            extra["max_num_batched_tokens"] = max_num_batched_tokens
         self.llm = LLM(
             model=model, dtype=dtype, tensor_parallel_size=tp, enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code, enable_prefix_caching=False, max_model_len=max_seq_len + 1,

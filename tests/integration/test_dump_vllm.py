@@ -50,7 +50,8 @@ def dumps(tmp_path_factory):
     # 4 conversations: every thinking mode, 1 and 3 user turns, a system turn (the masks of more are unit-tested)
     gen = write_shard(root / "generate", good_records(0, 4) + [rec for rec, _ in bad.values()])
     run_dump("hf", gen, root / "hf")
-    run_dump("vllm", gen, root / "vllm")
+    # A 64-token prefill budget: every conversation here is longer, so the capture must survive chunked prefill.
+    run_dump("vllm", gen, root / "vllm", "--max-num-batched-tokens", "64")
     return root, {cid: reason for cid, (_, reason) in bad.items()}
 
 
