@@ -191,11 +191,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def headline(report: dict) -> str:
+    def num(x) -> str:  # tau is None when no step drafted (every output ended at its first token)
+        return "n/a" if x is None else f"{x:.3f}"
+
     o = report["ours"]["overall"]
-    parts = [f"tau ours {o['tau']:.3f} over {o['steps']} steps"]
+    parts = [f"tau ours {num(o['tau'])} over {o['steps']} steps"]
     if "vllm" in report:
         a = report["agreement"]
-        parts.append(f"vLLM {a['tau_vllm']:.3f} (|diff| {a['tau_abs_diff']:.3f}, identical outputs "
+        parts.append(f"vLLM {num(a['tau_vllm'])} (|diff| {num(a['tau_abs_diff'])}, identical outputs "
                      f"{a['outputs_identical']}/{a['prompts']})")
     if "lossless" in report:
         ll = report["lossless"]
