@@ -56,7 +56,7 @@ def speculative_step(target_logits: torch.Tensor, draft_logits: torch.Tensor, dr
     for k in range(k_max):
         token = int(drafts[k])
         ratio = p[k, token] / q[k, token].clamp(min=torch.finfo(torch.float32).tiny)
-        if torch.rand((), generator=generator) < ratio:
+        if torch.rand((), generator=generator, device=p.device) < ratio:
             continue
         residual = (p[k] - q[k]).clamp(min=0)
         # The residual is all zeros only when p == q, where a rejection cannot happen; p is the safe fallback.
