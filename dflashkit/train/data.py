@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
+from dflashkit.dump.layers import CONVENTION
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def read_dump_dirs(dump_dirs: list[str]) -> tuple[dict, list[Path]]:
     meta, paths = None, []
     for directory in dump_dirs:
         this = read_meta(directory)
+        if this["layer_id_convention"] != CONVENTION:
+            raise ValueError(f"dump dir {directory}: layer ids follow {this['layer_id_convention']!r}, the trainer "
+                             f"expects {CONVENTION!r}")
         if meta is None:
             meta = this
         else:
@@ -87,10 +91,16 @@ class DumpDataset(torch.utils.data.Dataset):
         return item
 
 
+def padded_length(t: int) -> int:
+    """Sequence lengths are padded to a power of two (at least 128): compiled kernels (flex_attention) are
+    specialized to the shape, so a handful of shapes compile once instead of every length compiling anew."""
+    return max(128, 1 << (t - 1).bit_length())
+
+
 def collate(items: list[dict]) -> dict:
-    """Right-pad to the longest sequence. Padding is invisible: every anchor lies before its sequence's end, a block
-    sees context only before its anchor, and the loss mask is 0 on padding."""
-    t = max(it["input_ids"].shape[0] for it in items)
+    """Right-pad to `padded_length` of the longest sequence. Padding is invisible: every anchor lies before its
+    sequence's end, a block sees context only before its anchor, and the loss mask is 0 on padding."""
+    t = padded_length(max(it["input_ids"].shape[0] for it in items))
     out = {}
     for key in items[0]:
         if key in ("anchors", "anchor_valid", "length"):

@@ -111,16 +111,16 @@ def test_global_batch_is_the_same_however_it_is_split():
     assert resumed == two.micro_batches(1, 0, 1)[3 * 2:]
 
 
-def test_dump_dirs_with_different_layers_are_refused(tmp_path):
+def test_dump_dirs_with_other_layers_or_conventions_are_refused(tmp_path):
     from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
     from dflashkit.dump.layers import CONVENTION
 
-    for name, layers in (("a", [1, 3]), ("b", [1, 4])):
+    for name, layers, convention in (("a", [1, 3], CONVENTION), ("b", [1, 4], CONVENTION), ("c", [1, 3], "hf index")):
         directory = tmp_path / name
         directory.mkdir()
         write_meta(directory, {
             "format": FORMAT_VERSION, "model": "m", "backend": "hf", "dtype": "float32", "hidden_size": 4,
-            "num_hidden_layers": 6, "target_layer_ids": layers, "layer_id_convention": CONVENTION,
+            "num_hidden_layers": 6, "target_layer_ids": layers, "layer_id_convention": convention,
             "final_state": "pre_norm", "max_seq_len": 16, "length_policy": "skip", "chat_template_sha256": "0"})
         save_dump_record(directory, {"input_ids": torch.arange(5), "hidden_states": torch.zeros(5, 4),
                                      "aux_hidden_states": torch.zeros(5, 8), "conversation_id": "c",
@@ -129,3 +129,5 @@ def test_dump_dirs_with_different_layers_are_refused(tmp_path):
     assert meta["target_layer_ids"] == [1, 3] and len(paths) == 1
     with pytest.raises(ValueError, match="target_layer_ids"):
         read_dump_dirs([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="layer ids follow 'hf index'"):
+        read_dump_dirs([str(tmp_path / "c")])
