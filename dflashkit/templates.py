@@ -10,9 +10,10 @@ right, and `dflashkit check-template` proves both on many conversations before a
    turn's output followed by the end-of-turn token. Everything else (role headers, the think prefix a thinking mode
    inserts, the text after the end-of-turn token) is outside. A token straddling a span edge shows up as a mismatch.
 
-"That turn's output" is the assistant message content, except where a template hides reasoning of turns before the
-last user turn (MiniMax's interleaved thinking): there the visible output is the answer after the last think-close tag,
-with surrounding newlines stripped (`history_reasoning="drop"`).
+"That turn's output" is the assistant message content as the template re-renders it: templates that hide the reasoning
+of turns before the last user turn (MiniMax, Qwen3) show only the answer after the think-close tag there
+(`history_reasoning="drop"`), and some re-render a kept think block in a normal form (`renormalize`: "minimax",
+"qwen3"; see expected_outputs).
 """
 from __future__ import annotations
 
@@ -68,29 +69,49 @@ def render_training(tokenizer, messages: list[dict], template: str, kwargs: dict
     return ids, mask
 
 
-def expected_outputs(messages: list[dict], think_tags: tuple[str, str] | None, history_reasoning: str,
-                     strip_newlines: bool = False) -> list[str]:
+RENORMALIZE = ("none", "minimax", "qwen3")
+
+
+def expected_outputs(messages: list[dict], kwargs: dict, think_tags: tuple[str, str] | None,
+                     history_reasoning: str = "keep", renormalize: str = "none") -> list[str]:
     """What each assistant turn's span must hold, before the end-of-turn token (see the module doc).
 
-    `strip_newlines` (MiniMax-M2): a reply holding a think-close tag is re-rendered as "<think>\\n" (the generation
-    prompt's, outside the span) + reasoning + "\\n</think>\\n\\n" + answer, with newlines around reasoning and answer
-    stripped and an opening tag the reply wrote itself dropped; the span holds what follows "<think>\\n".
+    A reply holding the think-close tag is split into reasoning (before it) and answer (after it). Then:
+    - a turn before the last user turn, with `history_reasoning="drop"`: the answer, newlines trimmed on both sides
+      (Qwen3: leading ones only);
+    - "minimax": reasoning + "\\n</think>\\n\\n" + answer, newlines around both trimmed and an opening tag the reply
+      wrote itself dropped; the "<think>\\n" before it is the generation prompt's, outside the span;
+    - "qwen3": the last turn, or a later one with reasoning, is "<think>\\n" + reasoning + "\\n</think>\\n\\n" +
+      answer (an empty block without reasoning), all inside the span (Qwen3 opens the block itself), except the
+      empty block of enable_thinking=false, which the generation prompt wrote;
+    - otherwise: the content as it is.
     """
     open_tag, close_tag = think_tags or (None, None)
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     out = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         text = m["content"]
-        if close_tag and close_tag in text:
-            answer = text.split(close_tag)[-1]
-            if history_reasoning == "drop" and i < last_user:
-                text = answer.strip("\n")
-            elif strip_newlines:
-                reasoning = text.split(close_tag)[0].strip("\n").split(open_tag)[-1].strip("\n")
-                answer = answer.strip("\n")
-                text = f"{reasoning}\n{close_tag}\n\n{answer}" if reasoning else answer
+        has_block = bool(close_tag) and close_tag in text
+        before, answer = (text.split(close_tag)[0], text.split(close_tag)[-1]) if has_block else ("", text)
+        if history_reasoning == "drop" and i < last_user:
+            if has_block:
+                text = answer.lstrip("\n") if renormalize == "qwen3" else answer.strip("\n")
+        elif renormalize == "minimax" and has_block:
+            reasoning = before.strip("\n").split(open_tag)[-1].strip("\n")
+            answer = answer.strip("\n")
+            text = f"{reasoning}\n{close_tag}\n\n{answer}" if reasoning else answer
+        elif renormalize == "qwen3":
+            reasoning = before.rstrip("\n").split(open_tag)[-1].lstrip("\n").strip("\n")
+            answer = answer.lstrip("\n") if has_block else text
+            if i == last_reply or reasoning:
+                block = f"{open_tag}\n{reasoning}\n{close_tag}\n\n"
+                thinking_off = kwargs.get("enable_thinking") is False and not reasoning
+                text = answer.lstrip("\n") if thinking_off else block + answer.lstrip("\n")
+            else:
+                text = answer
         out.append(text)
     return out
 
@@ -106,7 +127,7 @@ class TemplateCheck:
 
 def check_conversation(tokenizer, messages: list[dict], kwargs: dict, training: str, model: str, end_of_turn: str,
                        think_tags: tuple[str, str] | None = None, history_reasoning: str = "keep",
-                       strip_newlines: bool = False, name: str = "") -> TemplateCheck:
+                       renormalize: str = "none", name: str = "") -> TemplateCheck:
     problems: list[str] = []
     common = dict(tokenize=False, add_generation_prompt=False, **kwargs)
     text_model = tokenizer.apply_chat_template(messages, chat_template=model, **common)
@@ -121,7 +142,7 @@ def check_conversation(tokenizer, messages: list[dict], kwargs: dict, training: 
     if ids != model_ids:
         problems.append(f"token ids differ from the model template's ({len(ids)} vs {len(model_ids)} tokens)")
     spans = assistant_spans(mask)
-    wanted = [w + end_of_turn for w in expected_outputs(messages, think_tags, history_reasoning, strip_newlines)]
+    wanted = [w + end_of_turn for w in expected_outputs(messages, kwargs, think_tags, history_reasoning, renormalize)]
     if len(spans) != len(wanted):
         problems.append(f"{len(spans)} generation spans for {len(wanted)} assistant turns")
     for n, ((a, b), want) in enumerate(zip(spans, wanted)):
@@ -133,32 +154,35 @@ def check_conversation(tokenizer, messages: list[dict], kwargs: dict, training: 
 
 # ---- synthetic conversations: every thinking mode, multi-turn, with and without reasoning ---------------------------
 
-def synthetic_conversations(think_tags: tuple[str, str], modes: list[str], mode_key: str
-                            ) -> Iterator[tuple[str, list[dict], dict]]:
+def synthetic_conversations(tokenizer, model_template: str, think_tags: tuple[str, str], modes: list[str],
+                            mode_key: str, mode_map: dict | None = None) -> Iterator[tuple[str, list[dict], dict]]:
     """(name, messages, chat_template_kwargs) covering each mode x {1, 3 user turns} x {system or not}.
 
-    A reply looks the way the model writes it after the prefix its mode puts in the prompt: with the think block
-    already open (enabled) it starts with reasoning and closes the block; with no prefix (adaptive) it may open its own
-    block or answer directly; with thinking disabled it is the answer alone.
+    A reply looks the way the model writes it after the generation prompt its mode gives (read off the model
+    template): after an open think block it continues the reasoning and closes the block; after a closed (empty) block
+    it answers; after a bare header it opens its own block on even turns and answers directly on odd ones.
     """
     open_tag, close_tag = think_tags
-    # Trailing newlines on some answers: templates that strip them when re-rendering must say so (--strip-newlines).
+    # Trailing newlines on some answers: templates that trim them when re-rendering must say so (--renormalize).
     answers = ["Paris is the capital of France.", "Sure:\n- one\n- two\n", "42, because 6 * 7 = 42.\n"]
 
-    def reply(mode: str, turn: int) -> str:
+    def reply(prompt: str, turn: int) -> str:
         reasoning = f"The user asks question {turn}; recall the fact and answer briefly."
-        if mode == "enabled":
+        if prompt.rstrip().endswith(close_tag):
+            return answers[turn]
+        if prompt.rstrip().endswith(open_tag):
             return f"{reasoning}\n{close_tag}\n\n{answers[turn]}"
-        if mode == "adaptive" and turn % 2 == 0:
-            return f"{open_tag}\n{reasoning}\n{close_tag}\n\n{answers[turn]}"
-        return answers[turn]  # disabled, or adaptive choosing not to think
+        return f"{open_tag}\n{reasoning}\n{close_tag}\n\n{answers[turn]}" if turn % 2 == 0 else answers[turn]
 
     for mode, turns, system in itertools.product(modes, (1, 3), (False, True)):
+        kwargs = {mode_key: (mode_map or {}).get(mode, mode)}
         messages = [{"role": "system", "content": "You are terse."}] if system else []
         for t in range(turns):
             messages.append({"role": "user", "content": f"Question {t}: tell me something."})
-            messages.append({"role": "assistant", "content": reply(mode, t)})
-        yield f"{mode}-{turns}turn{'-system' if system else ''}", messages, {mode_key: mode}
+            prompt = tokenizer.apply_chat_template(messages, chat_template=model_template, tokenize=False,
+                                                   add_generation_prompt=True, **kwargs)
+            messages.append({"role": "assistant", "content": reply(prompt, t)})
+        yield f"{mode}-{turns}turn{'-system' if system else ''}", messages, kwargs
 
 
 def conversations_from_records(path: str, limit: int) -> Iterator[tuple[str, list[dict], dict]]:
@@ -197,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--think-tags", nargs=2, default=["<think>", "</think>"], metavar=("OPEN", "CLOSE"))
     p.add_argument("--history-reasoning", choices=["keep", "drop"], default="keep",
                    help="drop: the template hides reasoning of assistant turns before the last user turn")
-    p.add_argument("--strip-newlines", action="store_true",
-                   help="the template strips newlines around reasoning and answer when re-rendering (MiniMax-M2)")
+    p.add_argument("--renormalize", choices=RENORMALIZE, default="none",
+                   help="how the template re-renders a kept think block (see expected_outputs)")
     p.add_argument("--thinking-modes", type=_csv, default=["enabled", "disabled", "adaptive"])
     p.add_argument("--thinking-mode-key", default="thinking_mode")
+    p.add_argument("--thinking-mode-map", type=json.loads, default={},
+                   help='JSON map from mode to the value sent, as for generate: \'{"enabled": true, "disabled": false}\'')
     p.add_argument("--input", default=None, help="also check generated conversations (generate output)")
     p.add_argument("--num", type=int, default=50, help="at most this many generated conversations")
     p.add_argument("--extra-special-tokens", type=_csv, default=[],
@@ -218,11 +244,12 @@ def run_checks(args: argparse.Namespace) -> list[TemplateCheck]:
     model = read_template(args.model_template) if args.model_template else tokenizer.chat_template
     if not model:
         raise SystemExit("the tokenizer has no chat_template; pass --model-template")
-    convos = list(synthetic_conversations(tuple(args.think_tags), args.thinking_modes, args.thinking_mode_key))
+    convos = list(synthetic_conversations(tokenizer, model, tuple(args.think_tags), args.thinking_modes,
+                                          args.thinking_mode_key, args.thinking_mode_map))
     if args.input:
         convos += list(conversations_from_records(args.input, args.num))
     return [check_conversation(tokenizer, msgs, kwargs, training, model, args.end_of_turn, tuple(args.think_tags),
-                               args.history_reasoning, args.strip_newlines, name) for name, msgs, kwargs in convos]
+                               args.history_reasoning, args.renormalize, name) for name, msgs, kwargs in convos]
 
 
 def main(argv: list[str] | None = None) -> int:

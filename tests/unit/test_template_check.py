@@ -9,12 +9,15 @@ from dflashkit.prepare import model_dir
 
 SMOL = {"model": "smollm2-thinking", "training": "smollm2-thinking-train", "eot": "<|im_end|>",
         "tags": ("<think>", "</think>"), "modes": ["enabled", "disabled", "adaptive"], "history": "keep",
-        "strip": False}
-# M2.x always thinks (its generation prompt opens the block), so "enabled" is its only mode.
+        "renormalize": "none"}
+# M2.x always thinks (its generation prompt opens the block): every mode renders alike, all are checked anyway.
 M27 = {"model": "minimax-m2.7", "training": "minimax-m2.7-train", "eot": "[e~[", "tags": ("<think>", "</think>"),
-       "modes": ["enabled"], "history": "drop", "strip": True}
+       "modes": ["enabled", "disabled", "adaptive"], "history": "drop", "renormalize": "minimax"}
 M3 = {"model": "minimax-m3", "training": "minimax-m3-train", "eot": "[e~[", "tags": ("<mm:think>", "</mm:think>"),
-      "modes": ["enabled", "disabled", "adaptive"], "history": "drop", "strip": False}
+      "modes": ["enabled", "disabled", "adaptive"], "history": "drop", "renormalize": "none"}
+QWEN3 = {"model": "qwen3", "training": "qwen3-train", "eot": "<|im_end|>", "tags": ("<think>", "</think>"),
+         "modes": ["enabled", "disabled"], "history": "drop", "renormalize": "qwen3", "key": "enable_thinking",
+         "map": {"enabled": True, "disabled": False}}
 MINIMAX_SPECIALS = ["]~!b[", "]~b]", "[e~[", "<think>", "</think>", "<mm:think>", "</mm:think>"]
 
 
@@ -28,12 +31,13 @@ def tokenizer():
 def check_all(tokenizer, case, training_text=None):
     training = training_text or templates.read_template(case["training"])
     model = templates.read_template(case["model"])
+    convos = templates.synthetic_conversations(tokenizer, model, case["tags"], case["modes"],
+                                               case.get("key", "thinking_mode"), case.get("map"))
     return [templates.check_conversation(tokenizer, msgs, kwargs, training, model, case["eot"], case["tags"],
-                                         case["history"], case["strip"], name)
-            for name, msgs, kwargs in templates.synthetic_conversations(case["tags"], case["modes"], "thinking_mode")]
+                                         case["history"], case["renormalize"], name) for name, msgs, kwargs in convos]
 
 
-@pytest.mark.parametrize("case", [SMOL, M27, M3], ids=["smollm2", "minimax-m2.7", "minimax-m3"])
+@pytest.mark.parametrize("case", [SMOL, M27, M3, QWEN3], ids=["smollm2", "minimax-m2.7", "minimax-m3", "qwen3"])
 def test_shipped_training_templates_pass(tokenizer, case):
     results = check_all(tokenizer, case)
     assert len(results) == 4 * len(case["modes"])  # {1, 3 user turns} x {system or not} per mode
