@@ -131,10 +131,12 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
 
         async def worker() -> None:
             while (item := await queue.get()) is not None:
-                rec, skeleton, repairs = item
+                position, rec, skeleton, repairs = item
                 mode = thinking_mode_of(rec.index, args.thinking_modes)
                 kwargs = template_kwargs_for(mode, args)
-                client = clients[rec.index % len(clients)]
+                # By position within the shard: global indices of one shard share their residue mod num_shards, so
+                # spreading by index would send a whole shard to one server when the counts share a factor.
+                client = clients[position % len(clients)]
                 try:
                     convo, stats = await regenerate(client, skeleton, cfg, kwargs)
                 except ConversationFailed as e:
@@ -154,6 +156,19 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
                 bar.set_postfix(tok_s=f"{counts.completion_tokens / elapsed:.1f}", refresh=False)
 
         workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+
+        async def put_or_raise(item) -> None:
+            # A worker crashes only on a bug or an OS error (a full disk): raise that at once. Waiting on a full
+            # queue that no worker reads any more would hang the shard forever.
+            put = asyncio.ensure_future(queue.put(item))
+            while True:
+                crashed = [w for w in workers if w.done() and not w.cancelled() and w.exception()]
+                if crashed:
+                    put.cancel()
+                    raise crashed[0].exception()
+                if put.done():
+                    return
+                await asyncio.wait([put, *(w for w in workers if not w.done())], return_when=asyncio.FIRST_COMPLETED)
         records = iter_inputs(args.input)
         if args.max_conversations is not None:
             records = itertools.islice(records, args.max_conversations)
@@ -176,13 +191,9 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
                 fail(rec, e, "skipped")
                 bar.update(1)
                 continue
-            await queue.put((rec, skeleton, repairs))
-            # Workers crash only on bugs; surface them now instead of after reading the whole input.
-            for w in workers:
-                if w.done() and w.exception():
-                    raise w.exception()
+            await put_or_raise((inputs, rec, skeleton, repairs))
         for _ in workers:
-            await queue.put(None)
+            await put_or_raise(None)
         await asyncio.gather(*workers)
     bar.close()
     for c in clients:
@@ -312,4 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_done:
         return EXIT_OK if ShardPaths.of(Path(args.output_dir), args.shard_id, args.num_shards).done.exists() else 1
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
-    return run_shard(args)
+    try:
+        return run_shard(args)
+    except OSError as e:  # a full disk, a missing input: the shard cannot go on; one line, exit 1
+        log.error("%s: %s", shard_name(args.shard_id, args.num_shards), e)
+        return EXIT_FAILED
