@@ -1,4 +1,4 @@
-"""Training on a real (small) SmolLM2 dump: the target head, learning, DDP equivalence, kill and resume."""
+"""Training on a real (small) SmolLM2 dump: the target head, learning, DDP/FSDP2 equivalence, kill and resume."""
 from __future__ import annotations
 
 import json
@@ -91,28 +91,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, cfg: TrainConfig, port: int) -> None:
+def _two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     train(cfg, resume=False)
 
 
-def test_two_process_ddp_matches_one_process(smollm2_dump, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_path):  # noqa: F811
     # KD and D-PACE on, so every loss path is compared. A large Adam eps keeps the first updates proportional to
     # the gradients (with eps ~ 0 they are lr * sign(g), which flips on gradients that are float noise).
     common = {"optim__max_steps": 3, "optim__eps": 1e-3, "loss__kd_weight": 0.5, "loss__kind": "dpace"}
-    one = recipe(smollm2_dump, tmp_path / "one", **common)
-    two = recipe(smollm2_dump, tmp_path / "two", data__micro_batch_size=2, **common)
-    assert train(one, resume=False) == 0
-    torch.multiprocessing.spawn(_ddp_worker, args=(two, _free_port()), nprocs=2)
-    for step in (1, 2, 3):
-        a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / "two")[step]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["tau"] == pytest.approx(b["tau"]) and a["tokens"] == b["tokens"]
-    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=2e-6, rtol=1e-4, msg=name)
+    assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
+    for mode in ("ddp", "fsdp"):
+        two = recipe(smollm2_dump, tmp_path / mode, data__micro_batch_size=2, parallel=mode, **common)
+        torch.multiprocessing.spawn(_two_process_worker, args=(two, _free_port()), nprocs=2)
+        for step in (1, 2, 3):
+            a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), mode
+            assert a["tau"] == pytest.approx(b["tau"]) and a["tokens"] == b["tokens"]
+        wa, wb = weights(tmp_path / "one"), weights(tmp_path / mode)
+        assert wa.keys() == wb.keys()
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], atol=2e-6, rtol=1e-4, msg=f"{mode} {name}")
 
 
 def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):  # noqa: F811
