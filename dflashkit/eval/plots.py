@@ -53,12 +53,13 @@ def write_plots(report: dict, out_dir: str | Path, training_rows: list[dict] | N
     if training_rows:
         fig, ax = plt.subplots(figsize=(6, 4))
         steps = [r["step"] for r in training_rows]
-        ax.plot(steps, [r["loss"] for r in training_rows], label="loss")
-        ax.set(xlabel="step", ylabel="loss", title="Training")
+        ax.plot(steps, [r["loss"] for r in training_rows], color="tab:blue")
+        ax.set(xlabel="step", ylabel="loss (log scale)", yscale="log", title="Training")
+        ax.yaxis.label.set_color("tab:blue")
         if "tau" in training_rows[0]:
             twin = ax.twinx()
-            twin.plot(steps, [r["tau"] for r in training_rows], color="tab:orange", label="simulated tau")
-            twin.set_ylabel("simulated tau")
+            twin.plot(steps, [r["tau"] for r in training_rows], color="tab:orange", alpha=0.7)
+            twin.set_ylabel("simulated tau (per step)", color="tab:orange")
         written.append(_save(fig, out_dir / "training_loss.png"))
     return written
 
