@@ -31,6 +31,7 @@ LATEST = "latest.json"
 
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
+        os.fchmod(f.fileno(), 0o644)  # not world-writable, whatever the umask
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
