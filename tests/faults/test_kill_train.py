@@ -1,0 +1,91 @@
+"""SIGKILL of the trainer (train_dflash.py on a small real SmolLM2 dump) at seeded random steps, with checkpoints
+every 1-3 steps, so some kills land while a checkpoint is being written. `--resume` continues from the last complete
+checkpoint, and every step after it has exactly (bitwise) the loss of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
+from faultlib import SEED, report, rounds
+
+from dflashkit.config import load_config
+from dflashkit.prepare import model_dir
+from dflashkit.train.checkpoint import latest_checkpoint
+from dflashkit.train.config import TrainConfig
+from dflashkit.train.loop import train
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS = 8
+
+
+def overrides(dump: Path, out: Path, checkpoint_every: int) -> list[str]:
+    return [f"target_model={model_dir()}", f"output_dir={out}", "tensorboard=false", "seed=0", "model.num_layers=1",
+            "model.block_size=4", f"model.mask_token_id={MASK_TOKEN_ID}", "model.intermediate_size=256",
+            f"data.dump_dirs=[{dump}]", "data.num_anchors=8", "data.micro_batch_size=4", "data.num_workers=0",
+            "optim.lr=2e-3", "optim.warmup_steps=3", "optim.epochs=1", f"optim.max_steps={STEPS}",
+            f"checkpoint_every={checkpoint_every}", "keep_checkpoints=2"]
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row["loss"]  # after a resume the last row of a step wins
+    return rows
+
+
+def steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_kill_trainer_at_random_steps(smollm2_dump, tmp_path):  # noqa: F811
+    straight = tmp_path / "straight"
+    old_umask = os.umask(0)  # the trainer's files must not be world-writable even so
+    try:
+        assert train(load_config(TrainConfig, None, overrides(smollm2_dump, straight, 1000)), resume=False) == 0
+    finally:
+        os.umask(old_umask)
+    loose = {str(p.relative_to(straight)): oct(p.stat().st_mode & 0o777) for p in straight.rglob("*")
+             if p.is_file() and p.stat().st_mode & 0o022}
+    assert loose == {}, f"group/world-writable trainer outputs: {loose}"
+    expected = losses(straight)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels as this process
+    faults = compared = mismatches = 0
+    for r in range(rounds("train")):
+        rng = random.Random(SEED * 1_000_003 + 104729 + r)
+        out = tmp_path / f"round{r}"
+        every = rng.randint(1, 3)
+        target = rng.randint(1, STEPS - 1)
+        proc = subprocess.Popen([sys.executable, str(REPO / "train_dflash.py"), "--resume",
+                                 *overrides(smollm2_dump, out, every)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        while steps_logged(out) < target and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        faults += 1
+        latest = latest_checkpoint(out / "checkpoints")  # a step dir named by latest.json is complete
+        saved = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+        assert train(load_config(TrainConfig, None, overrides(smollm2_dump, out, every)), resume=True) == 0
+        got = losses(out)
+        for step in range(saved + 1, STEPS + 1):
+            compared += 1
+            mismatches += got[step] != expected[step]
+        assert all(got[s] == expected[s] for s in range(saved + 1, STEPS + 1)), (saved, got, expected)
+    report("kill_train", rounds=rounds("train"),
+           faults_injected=faults, resumed_steps_compared=compared, loss_mismatches=mismatches)
+    assert faults >= 1 or rounds("train") == 0
