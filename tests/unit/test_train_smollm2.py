@@ -100,12 +100,12 @@ def _two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
 def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_path):  # noqa: F811
     # KD and D-PACE on, so every loss path is compared. A large Adam eps keeps the first updates proportional to
     # the gradients (with eps ~ 0 they are lr * sign(g), which flips on gradients that are float noise).
-    common = {"optim__max_steps": 3, "optim__eps": 1e-3, "loss__kd_weight": 0.5, "loss__kind": "dpace"}
+    common = {"optim__max_steps": 2, "optim__eps": 1e-3, "loss__kd_weight": 0.5, "loss__kind": "dpace"}
     assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
     for mode in ("ddp", "fsdp"):
         two = recipe(smollm2_dump, tmp_path / mode, data__micro_batch_size=2, parallel=mode, **common)
         torch.multiprocessing.spawn(_two_process_worker, args=(two, _free_port()), nprocs=2)
-        for step in (1, 2, 3):
+        for step in (1, 2):
             a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), mode
             assert a["tau"] == pytest.approx(b["tau"]) and a["tokens"] == b["tokens"]
@@ -116,7 +116,7 @@ def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_pa
 
 
 def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):  # noqa: F811
-    common = {"optim__max_steps": 10, "optim__epochs": 1}
+    common = {"optim__max_steps": 6, "optim__epochs": 1}
     assert train(recipe(smollm2_dump, tmp_path / "straight", **common), resume=False) == 0
     killed = tmp_path / "killed"
     cfg = recipe(smollm2_dump, killed, checkpoint_every=2, **common)
@@ -124,7 +124,7 @@ def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):  # noqa: F81
             "model.num_layers=1", "model.block_size=4", f"model.mask_token_id={MASK_TOKEN_ID}",
             "model.intermediate_size=256", f"data.dump_dirs=[{smollm2_dump}]", "data.num_anchors=8",
             "data.micro_batch_size=4", "data.num_workers=0", "optim.lr=2e-3", "optim.warmup_steps=3",
-            "optim.epochs=1", "optim.max_steps=10", "loss.decay_gamma=4.0", "checkpoint_every=2"]
+            "optim.epochs=1", "optim.max_steps=6", "loss.decay_gamma=4.0", "checkpoint_every=2"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
     proc = subprocess.Popen([sys.executable, str(REPO / "train_dflash.py"), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -135,12 +135,12 @@ def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):  # noqa: F81
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = json.loads(latest.read_text())["step"]
-    assert saved < 10, "the run finished before it could be killed"
+    assert saved < 6, "the run finished before it could be killed"
     with pytest.raises(SystemExit, match="--resume"):
         train(cfg, resume=False)
     assert train(cfg, resume=True) == 0
     straight, resumed = metrics(tmp_path / "straight"), metrics(killed)
-    for step in range(saved + 1, 11):
+    for step in range(saved + 1, 7):
         assert resumed[step]["loss"] == straight[step]["loss"], step  # bitwise
     wa, wb = weights(tmp_path / "straight"), weights(killed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
