@@ -9,6 +9,7 @@ import sys
 
 # subcommand -> (module exposing main(argv), or "module:function" for another entry, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("dflashkit.demo", "the whole pipeline on SmolLM2 here: generate, dump, train, export, eval, a report"),
     "prepare": ("dflashkit.prepare", "build the SmolLM2 HF model and the MT-Bench/ShareGPT prompt sets in the cache"),
     "generate": ("dflashkit.generate", "run one generate shard against a running server (server_generate.py)"),
     "export": ("dflashkit.export", "export a trained draft as the HF folder vLLM (dflash) and SGLang (DFLASH) serve"),
