@@ -36,6 +36,7 @@ def measure(name: str, spec: dict | None, args, prompts, log_dir: Path) -> dict:
         elapsed = time.perf_counter() - start
         tau = (client.counters() - before).stats()["tau"] if spec else 1.0
     tokens = sum(map(len, outputs))
+    print(f"{name}: {tokens} tokens in {elapsed:.1f} s", file=sys.stderr, flush=True)
     return {"name": name, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "tau": tau,
             "outputs": outputs}
 
