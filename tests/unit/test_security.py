@@ -62,10 +62,10 @@ def test_pickle_payload_in_a_dump_record_is_refused(tmp_path):
 
 
 def test_pickle_payload_in_a_checkpoint_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
     from dflashkit.train.checkpoint import load_checkpoint
     from dflashkit.train.distributed import Dist
-
-    from safetensors.torch import save_file
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "step-00000001"

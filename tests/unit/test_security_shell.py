@@ -47,7 +47,7 @@ def arithmetic(name: str) -> str:
 def run(script: Path, env: dict[str, str], cwd: Path, *args: str, timeout: int = 120):
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     return subprocess.run(["bash", str(script), *args], env={**base, "PYTHON": sys.executable, **env}, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def created(cwd: Path) -> list[str]:
