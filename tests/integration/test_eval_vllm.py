@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the shared dump fixture of the train tests
-from conftest import CPU_SERVER_ARGS, CPU_SERVER_ENV
+from dflashkit.serve import CPU_VLLM_ARGS, CPU_VLLM_ENV  # noqa: E402
 from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
 
 from dflashkit import serve
@@ -52,14 +52,14 @@ def report(trained, prepared, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("eval")
     mtbench = prepared["mtbench"]
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in CPU_SERVER_ENV.items():
+        for key, value in CPU_VLLM_ENV.items():
             mp.setenv(key, value)
         rc = eval_main([
             "--draft", str(trained["draft"]), "--target", str(prepared["model"]), "--out", str(out),
             "--mtbench", str(mtbench), "--limit", "2",
             "--heldout", str(mtbench), "--heldout-skip", "40", "--heldout-count", "1",  # past the 8 trained on
             "--max-new-tokens", str(MAX_NEW_TOKENS),
-            "--vllm", "--vllm-extra-args", " ".join(CPU_SERVER_ARGS), "--vllm-startup-timeout", "600",
+            "--vllm", "--vllm-extra-args", " ".join(CPU_VLLM_ARGS), "--vllm-startup-timeout", "600",
             "--train-log", str(trained["train"] / "metrics.jsonl")])
     result = json.loads((out / "report.json").read_text())
     result["_rc"], result["_out"] = rc, out
@@ -116,7 +116,7 @@ def test_random_draft_with_yarn_serves_in_vllm(prepared, tmp_path):
     expected = SpeculativeDecoder(target, load_draft(out)).generate_target_only(prompt, 8)
     spec = json.dumps({"method": "dflash", "model": str(out), "num_speculative_tokens": 3})
     with serve.running_server("vllm", str(prepared["model"]), "smollm2-dflash", tmp_path / "server.log",
-                              extra_args=CPU_SERVER_ARGS + ["--speculative-config", spec], env=CPU_SERVER_ENV,
+                              extra_args=CPU_VLLM_ARGS + ["--speculative-config", spec], env=CPU_VLLM_ENV,
                               timeout=600) as server:
         client = VllmClient(server.url, server.api_key, server.model)
         assert client.complete(prompt, 8) == expected
