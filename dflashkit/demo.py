@@ -12,9 +12,9 @@ import logging
 import time
 from pathlib import Path
 
-from .io import read_json
 from .eval.plots import training_curve
 from .eval.run import headline
+from .io import read_json
 from .plan import eval_command, export_command
 from .prepare import prepare
 from .recipe import ROOT, load_recipe

@@ -96,7 +96,9 @@ def log_tail(path: str | None, lines: int = 40) -> str:
         return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -115,7 +117,7 @@ def wait_healthy(url: str, pid: int | None, timeout: float, log: str | None = No
     """Poll `url`/health until it answers 200. Raises RuntimeError at once if `pid` dies, or after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
-        if pid is not None and not _alive(pid):
+        if pid is not None and not process_alive(pid):
             raise RuntimeError(f"server process {pid} exited before becoming healthy; log tail:\n{log_tail(log)}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as r:

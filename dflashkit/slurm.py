@@ -40,6 +40,7 @@ from .rundir import (
     stage_job,
     stage_record,
 )
+from .serve import process_alive
 
 log = logging.getLogger("dflashkit.slurm")
 
@@ -261,18 +262,6 @@ def _failure_reason(job: StageJob, shard: int, slurm_state: str | None, exit_cod
     return "; ".join(parts) or "no job state, exit code or log"
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stage_status(run_dir: Path, manifest: dict, recipe: Recipe, stage: str,
                  slurm_states: dict[str, TaskState]) -> list[ShardStatus]:
     job = stage_job(recipe, run_dir, stage)
@@ -316,7 +305,7 @@ def stage_status(run_dir: Path, manifest: dict, recipe: Recipe, stage: str,
                     st.reason = _failure_reason(job, shard, t.state, t.exit_code, t.signal, log_path, t.reason)
         else:  # local
             task = sub.get("tasks", {}).get(str(shard))
-            alive = _pid_alive(sub.get("pid"))
+            alive = process_alive(sub.get("pid"))
             if task and task.get("exit_code") is not None:
                 st.state, st.exit_code = "failed", task["exit_code"]
                 st.reason = _failure_reason(job, shard, None, task["exit_code"], None, log_path)

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..formats import BadRecord
-from ..generate.inputs import slurm_shard_defaults
+from ..generate.inputs import resolve_shard
 from ..io import JsonlAppender, atomic_write_json
 from ..templates import read_template, template_sha256
 from . import format as fmt
@@ -84,14 +84,7 @@ def parse_args(argv: list[str] | None, prog: str, backend: str | None) -> argpar
     args = p.parse_args(argv)
     if backend is not None:
         args.backend = backend
-    if args.shard_id is None:
-        slurm = slurm_shard_defaults(args.num_shards)
-        args.shard_id, slurm_count = slurm if slurm else (0, 1)
-        args.num_shards = args.num_shards or slurm_count
-    elif args.num_shards is None:
-        p.error("--shard-id needs --num-shards")
-    if not 0 <= args.shard_id < args.num_shards:
-        p.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")
+    resolve_shard(p, args)
     if args.max_seq_len < 2:
         p.error("--max-seq-len must be >= 2")
     args.batch_size = args.batch_size or (64 if args.backend == "vllm" else 1)

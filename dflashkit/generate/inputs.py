@@ -138,3 +138,18 @@ def slurm_shard_defaults(num_shards: int | None, env=os.environ) -> tuple[int, i
     lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
     hi = int(env.get("SLURM_ARRAY_TASK_MAX", task))
     return task - lo, int(env.get("SLURM_ARRAY_TASK_COUNT", hi - lo + 1))
+
+
+def resolve_shard(parser, args) -> None:
+    """Fill args.shard_id / args.num_shards from the flags or the Slurm array; parser.error on a bad combination.
+
+    Shared by every sharded stage (generate, dump), so all of them read the array the same way.
+    """
+    if args.shard_id is None:
+        slurm = slurm_shard_defaults(args.num_shards)
+        args.shard_id, slurm_count = slurm if slurm else (0, 1)
+        args.num_shards = args.num_shards or slurm_count
+    elif args.num_shards is None:
+        parser.error("--shard-id needs --num-shards")
+    if not 0 <= args.shard_id < args.num_shards:
+        parser.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")

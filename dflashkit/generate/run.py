@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..formats import OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages
 from ..io import JsonlAppender, atomic_write_json, iter_jsonl, repair_jsonl_tail
 from .client import ConversationFailed, SamplingConfig, regenerate
-from .inputs import InputRecord, iter_inputs, shard_of, slurm_shard_defaults
+from .inputs import InputRecord, iter_inputs, resolve_shard, shard_of
 
 log = logging.getLogger("dflashkit.generate")
 
@@ -299,14 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not urls and not args.check_done:
             p.error("--base-url is required (or set DFLASHKIT_BASE_URLS)")
         args.base_url = urls
-    if args.shard_id is None:
-        slurm = slurm_shard_defaults(args.num_shards)
-        args.shard_id, slurm_count = slurm if slurm else (0, 1)
-        args.num_shards = args.num_shards or slurm_count
-    elif args.num_shards is None:
-        p.error("--shard-id needs --num-shards")
-    if not 0 <= args.shard_id < args.num_shards:
-        p.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")
+    resolve_shard(p, args)
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
     unknown = set(args.thinking_mode_map) - set(args.thinking_modes)
