@@ -4,6 +4,10 @@ greedy answers to prompts written in the generate stage's output format (docs/FO
     python bench/train_smollm2_data.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --tokenizer-dir TOK \
         --prompts sharegpt.jsonl mtbench.jsonl --num-prompts 2000 --model-out /tmp/smollm2 --out /tmp/gen.jsonl
 
+With --num-shards N, process k answers prompts k, k+N, ... (one process per GPU; bench/quality_run.sh does this) and
+records the global prompt index, the dump stage's shard key. Prompts are batched by length, so a batch of short
+prompts is not padded to a long one.
+
 The GGUF weights are dequantized (Q4_1) into a float32 HF folder, so this target is SmolLM2 after 4-bit rounding;
 the draft is trained and judged against that same target. Stands in for `server_generate.py` where no vLLM exists.
 """
@@ -57,27 +61,31 @@ def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
 
 
 @torch.inference_mode()
-def generate(model_dir: Path, template: str, prompts: list[tuple[str, str]], out: Path, max_new_tokens: int,
+def generate(model_dir: Path, template: str, prompts: list[tuple[int, str, str]], out: Path, max_new_tokens: int,
              batch_size: int) -> None:
+    """prompts: (global index, id, text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dflashkit.io import JsonlAppender, safe_id
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only to smoke-test this script
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
     kwargs = {"thinking_mode": "adaptive"}
     end = tok.convert_tokens_to_ids("<|im_end|>")
     t0, tokens = time.time(), 0
+    prompts = sorted(prompts, key=lambda p: len(p[2]))
     with JsonlAppender(out, truncate=True) as sink:
         for start in range(0, len(prompts), batch_size):
             part = prompts[start: start + batch_size]
             texts = [tok.apply_chat_template([{"role": "user", "content": p}], chat_template=template,
-                                             add_generation_prompt=True, tokenize=False, **kwargs) for _, p in part]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to("cuda")
+                                             add_generation_prompt=True, tokenize=False, **kwargs)
+                     for _, _, p in part]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end,
                                  pad_token_id=tok.pad_token_id)[:, enc["input_ids"].shape[1]:]
-            for i, ((pid, prompt), ids) in enumerate(zip(part, gen.tolist())):
+            for (index, pid, prompt), ids in zip(part, gen.tolist()):
                 finished = end in ids
                 ids = ids[: ids.index(end)] if finished else ids
                 tokens += len(ids)
@@ -85,7 +93,7 @@ def generate(model_dir: Path, template: str, prompts: list[tuple[str, str]], out
                                                              {"role": "assistant", "content": tok.decode(ids)}],
                             "thinking_mode": kwargs["thinking_mode"],
                             "generation": {"model": str(model_dir), "chat_template_kwargs": kwargs,
-                                           "truncated": not finished, "index": start + i}})
+                                           "truncated": not finished, "index": index}})
     print(f"generated {len(prompts)} answers, {tokens} tokens in {time.time() - t0:.0f} s")
 
 
@@ -99,11 +107,16 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--model-out", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="answers (.jsonl); without it, only the model is converted")
+    parser.add_argument("--shard-id", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args()
-    hf_from_gguf(args.gguf, args.tokenizer_dir, args.model_out)
-    generate(args.model_out, args.template.read_text(), first_user_turns(args.prompts, args.num_prompts), args.out,
-             args.max_new_tokens, args.batch_size)
+    if not (args.model_out / "config.json").exists():
+        hf_from_gguf(args.gguf, args.tokenizer_dir, args.model_out)
+    if args.out:
+        prompts = [(i, pid, text) for i, (pid, text) in enumerate(first_user_turns(args.prompts, args.num_prompts))
+                   if i % args.num_shards == args.shard_id]
+        generate(args.model_out, args.template.read_text(), prompts, args.out, args.max_new_tokens, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The SmolLM2 quality run on a GPU machine without vLLM (issue 6): greedy answers to ShareGPT prompts, HF dump,
+# training, export, and our acceptance eval on MT-Bench turn 1 and held-out prompts. Each stage is the real entry point;
+# generation stands in for server_generate.py with transformers (bench/train_smollm2_data.py).
+#
+#   W=/tmp/q GGUF=/tmp/q/smollm2.gguf TOK=DIR PROMPTS=prompts.jsonl N=16000 GPUS="0" bash bench/quality_run.sh
+#
+# GPUS: the cards to spread generation and dump over (training and eval use the first). STAGES picks stages
+# (default: "gen dump train eval"); TRAIN_ARGS adds dotted overrides; EVAL_ARGS adds eval flags. Timings go to
+# $W/timings.txt, the eval report to $W/eval/report.json.
+set -euo pipefail
+: "${W:?}" "${GGUF:?}" "${TOK:?}" "${PROMPTS:?}" "${N:?}"
+GPUS=${GPUS:-0}; STAGES=${STAGES:-gen dump train eval}; DUMPS_PER_GPU=${DUMPS_PER_GPU:-4}
+read -r -a gpus <<<"$GPUS"
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
+read -r -a eval_args <<<"${EVAL_ARGS:-}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$W"
+stamp() { echo "$(date +%s) $*" | tee -a "$W/timings.txt"; }
+on_gpu() { local g=$1; shift; CUDA_VISIBLE_DEVICES=$g "$@"; }
+run_all() {  # wait for every background job; fail if any failed
+    local rc=0 pid; for pid in "$@"; do wait "$pid" || rc=1; done; return $rc
+}
+
+python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" --prompts "$PROMPTS" --model-out "$W/smollm2"
+
+if [[ " $STAGES " == *" gen "* ]]; then
+    stamp gen-start; pids=()
+    for i in "${!gpus[@]}"; do
+        on_gpu "${gpus[$i]}" python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" \
+            --prompts "$PROMPTS" --num-prompts "$N" --model-out "$W/smollm2" --out "$W/gen/part-$i.jsonl" \
+            --shard-id "$i" --num-shards "${#gpus[@]}" --batch-size "${GEN_BATCH:-512}" > "$W/gen-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    run_all "${pids[@]}"; stamp gen-end "$(cat "$W"/gen/part-*.jsonl | wc -l) answers"
+fi
+
+if [[ " $STAGES " == *" dump "* ]]; then
+    stamp dump-start; pids=(); shards=$(( ${#gpus[@]} * DUMPS_PER_GPU ))
+    for ((s = 0; s < shards; s++)); do
+        on_gpu "${gpus[$((s % ${#gpus[@]}))]}" python compute_hidden_states_hf.py --model "$W/smollm2" \
+            --input "$W/gen" --output-dir "$W/dump" --chat-template smollm2-thinking-train --num-draft-layers 5 \
+            --dtype bfloat16 --max-seq-len 2048 --num-shards "$shards" --shard-id "$s" --no-progress \
+            > "$W/dump-$s.log" 2>&1 &
+        pids+=($!)
+    done
+    run_all "${pids[@]}"; stamp dump-end "$(du -sh "$W/dump" | cut -f1)"
+fi
+
+if [[ " $STAGES " == *" train "* ]]; then
+    stamp train-start
+    on_gpu "${gpus[0]}" python train_dflash.py --config configs/train/smollm2-quality.yaml target_model="$W/smollm2" \
+        output_dir="$W/train" "data.dump_dirs=[$W/dump]" "${train_args[@]}" > "$W/train.log" 2>&1
+    stamp train-end
+fi
+
+if [[ " $STAGES " == *" eval "* ]]; then
+    stamp eval-start
+    python -m dflashkit.cli export --checkpoint "$W/train" --target "$W/smollm2" --out "$W/draft" --overwrite \
+        > "$W/export.log" 2>&1
+    on_gpu "${gpus[0]}" python -m dflashkit.cli eval --draft "$W/draft" --target "$W/smollm2" --out "$W/eval" \
+        --mtbench "$(dirname "$PROMPTS")/mtbench.jsonl" --heldout "$PROMPTS" --heldout-skip "$N" \
+        --max-new-tokens 256 --dtype float32 --train-log "$W/train/metrics.jsonl" "${eval_args[@]}" \
+        > "$W/eval.log" 2>&1
+    stamp eval-end
+fi
