@@ -62,7 +62,7 @@ def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
 
 @torch.inference_mode()
 def generate(model_dir: Path, template: str, prompts: list[tuple[int, str, str]], out: Path, max_new_tokens: int,
-             batch_size: int) -> None:
+             batch_size: int, dtype: torch.dtype) -> None:
     """prompts: (global index, id, text)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,7 +71,7 @@ def generate(model_dir: Path, template: str, prompts: list[tuple[int, str, str]]
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU only to smoke-test this script
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     kwargs = {"thinking_mode": "adaptive"}
     end = tok.convert_tokens_to_ids("<|im_end|>")
     t0, tokens = time.time(), 0
@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--model-out", type=Path, required=True)
     parser.add_argument("--out", type=Path, help="answers (.jsonl); without it, only the model is converted")
+    # float32 by default: the eval judges the draft against the float32 target, so its greedy answers are the labels
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--shard-id", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args()
@@ -116,7 +118,8 @@ def main() -> None:
     if args.out:
         prompts = [(i, pid, text) for i, (pid, text) in enumerate(first_user_turns(args.prompts, args.num_prompts))
                    if i % args.num_shards == args.shard_id]
-        generate(args.model_out, args.template.read_text(), prompts, args.out, args.max_new_tokens, args.batch_size)
+        generate(args.model_out, args.template.read_text(), prompts, args.out, args.max_new_tokens, args.batch_size,
+                 getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
