@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dflashkit.model.config import DFlashConfig
 
@@ -99,8 +100,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # Training option (not part of the config): keep only the layer's inputs, recompute the rest in backward.
+        # Inside forward, so FSDP's per-layer hooks stay outside the recomputed region and parameter names are unchanged.
+        self.activation_checkpointing = False
 
     def forward(self, x, context, rope_block, rope_context, mask):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, rope_block, rope_context, mask, use_reentrant=False)
+        return self._forward(x, context, rope_block, rope_context, mask)
+
+    def _forward(self, x, context, rope_block, rope_context, mask):
         x = x + self.self_attn(self.input_layernorm(x), context, rope_block, rope_context, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -80,6 +80,11 @@ def _compiled_flex():
 
 
 def flex_attention(q, k, v, block_mask, enable_gqa: bool):
+    """With enable_gqa the kernel maps each query head to its K/V head: K/V are never expanded to all heads."""
+    if torch.compiler.is_compiling():  # inside a compiled draft layer, which captures flex_attention itself
+        from torch.nn.attention.flex_attention import flex_attention as eager
+
+        return eager(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
     return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 

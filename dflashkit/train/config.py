@@ -89,6 +89,10 @@ class TrainConfig:
     attention: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP2 from fsdp_min_hidden_size up, else DDP
     fsdp_min_hidden_size: int = 6144
+    # Recompute each draft layer's activations in backward instead of keeping them: ~1/3 more layer FLOPs for a
+    # fraction of the activation memory (long sequences, big micro-batches). Same losses up to fp rounding.
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each draft layer (fuses norms, RoPE and SwiGLU; first steps compile)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1

@@ -76,6 +76,10 @@ class Trainer:
         with torch.no_grad():  # the draft's output feeds the target's lm_head: start its final norm as the target's
             draft.norm.weight.copy_(self.head.norm_weight.float())
         draft.to(d.device)
+        for layer in draft.layers:
+            layer.activation_checkpointing = cfg.activation_checkpointing
+            if cfg.compile:
+                layer.compile()  # in place: parameter names (checkpoints, export) stay the same
         mode = cfg.parallel if cfg.parallel != "auto" else (
             "fsdp" if dcfg.hidden_size >= cfg.fsdp_min_hidden_size else "ddp")
         self.model = wrap(draft, d, mode)
@@ -83,17 +87,19 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=cuda)
 
-    def _forward(self, batch: dict):
+    def _forward(self, batch: dict, labels: torch.Tensor, counted: torch.Tensor):
+        """`labels`/`counted` come from the batch as it arrived (block_labels on the CPU), so the rows that reach
+        the lm_head are known without waiting for the GPU. Every copy is asynchronous: no host sync in the step."""
         dev, B, c = self.d.device, self.dcfg.block_size, self.cfg.loss
-        ids, loss_mask = batch["input_ids"].to(dev, non_blocking=True), batch["loss_mask"].to(dev, non_blocking=True)
-        anchors, valid = batch["anchors"].to(dev), batch["anchor_valid"].to(dev)
+        ids, anchors = batch["input_ids"].to(dev, non_blocking=True), batch["anchors"].to(dev, non_blocking=True)
         aux = batch["aux_hidden_states"].to(dev, non_blocking=True)
+        rows = counted.flatten().nonzero()[:, 0].to(dev, non_blocking=True)
+        labels, counted = labels.to(dev, non_blocking=True), counted.to(dev, non_blocking=True)
         b, t = ids.shape
         block_ids, block_pos = block_inputs(ids, anchors, B, self.dcfg.mask_token_id)
         mask = training_mask(anchors, t, B, self.attention)  # built once, shared by every layer
         hidden = self.model(aux, self.head.embed_tokens(block_ids), torch.arange(t, device=dev).expand(b, t),
                             block_pos, mask)
-        labels, counted = block_labels(ids, loss_mask, anchors, valid, B)
         teacher = None
         if c.kd_weight > 0:
             # The target's distribution over x[a+k] comes from its final state at a+k-1.
@@ -103,7 +109,8 @@ class Trainer:
             teacher = self.head.final_norm(teacher) if self.final_pre_norm else teacher
             teacher = teacher.to(self.head.lm_head.dtype)
         return block_loss(hidden, self.head.lm_head, labels, counted, kind=c.kind, gamma=c.decay_gamma,
-                          alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows)
+                          alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows,
+                          rows=rows)
 
     def _sync_grads(self, sync: bool):
         if hasattr(self.model, "no_sync"):  # DDP: all-reduce only on the step's last micro-batch
@@ -115,16 +122,17 @@ class Trainer:
     def step(self, batches: list[dict], lr: float) -> dict:
         c, d = self.cfg.loss, self.d
         B = self.dcfg.block_size
-        local = sum(normalizer(block_labels(b["input_ids"], b["loss_mask"], b["anchors"], b["anchor_valid"], B)[1],
-                               c.kind, c.decay_gamma) for b in batches)
-        total_weight = d.all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=d.device)).clamp(min=1e-6)
+        targets = [block_labels(b["input_ids"], b["loss_mask"], b["anchors"], b["anchor_valid"], B) for b in batches]
+        local = sum(normalizer(counted, c.kind, c.decay_gamma) for _, counted in targets)
+        local = torch.as_tensor(local, dtype=torch.float32).to(d.device, non_blocking=True)
+        total_weight = d.all_reduce_sum(local).clamp(min=1e-6)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, stats = torch.zeros((), device=d.device), 0
-        for i, batch in enumerate(batches):
+        for i, (batch, (labels, counted)) in enumerate(zip(batches, targets)):
             with self._sync_grads(i == len(batches) - 1):
                 with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, batch_stats = self._forward(batch)
+                    loss, batch_stats = self._forward(batch, labels, counted)
                 # DDP and FSDP average gradients over ranks; undo that, the normalizer is already global.
                 (loss * d.world_size / total_weight).backward()
             loss_sum += loss.detach()

@@ -64,17 +64,20 @@ def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int):
 
 
 def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alpha: float, kd_weight: float,
-               teacher=None, chunk_rows: int = 4096):
+               teacher=None, chunk_rows: int = 4096, rows=None):
     """hidden [b, N*B, H] draft outputs; labels/counted [b, N, B]; teacher [b, N, B, H] target final states (normed)
     or None. Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
-    normalizer so micro-batches and ranks add up to one big batch."""
+    normalizer so micro-batches and ranks add up to one big batch.
+    `rows`: the flat positions where `counted` is True (`counted.flatten().nonzero()[:, 0]`), on hidden's device.
+    Finding them on the GPU waits for the GPU (the host needs their number); the trainer passes them precomputed
+    from the CPU batch so the step never stalls."""
     b, n, bs = labels.shape
-    rows = counted.flatten()
-    h = hidden.reshape(b * n * bs, -1)[rows]
-    t = None if teacher is None or kd_weight == 0 else teacher.reshape(b * n * bs, -1)[rows]
-    stats = row_stats(h, lm_head, labels.flatten()[rows], t, chunk_rows)
-    nll = torch.zeros(b * n * bs, device=hidden.device).masked_scatter(rows, stats[0]).view(b, n, bs)
-    pred = torch.zeros(b * n * bs, dtype=torch.long, device=hidden.device).masked_scatter(rows, stats[1])
+    rows = counted.flatten().nonzero()[:, 0] if rows is None else rows
+    h = hidden.reshape(b * n * bs, -1).index_select(0, rows)
+    t = None if teacher is None or kd_weight == 0 else teacher.reshape(b * n * bs, -1).index_select(0, rows)
+    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows)
+    nll = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[0]).view(b, n, bs)
+    pred = torch.zeros(b * n * bs, dtype=torch.long, device=hidden.device).index_copy(0, rows, stats[1])
     correct = (pred.view(b, n, bs) == labels) & counted
     if kind == "ce":
         weights = position_weights(bs, gamma, hidden.device) * counted
@@ -82,7 +85,7 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
         weights = dpace_weights(torch.exp(-nll.detach()), counted, alpha)
     loss = (weights * nll).sum()
     if t is not None:
-        kd = torch.zeros(b * n * bs, device=hidden.device).masked_scatter(rows, stats[2]).view(b, n, bs)
+        kd = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[2]).view(b, n, bs)
         loss = loss + kd_weight * (weights * kd).sum()
     return loss, acceptance_stats(correct, counted)
 
