@@ -1,0 +1,134 @@
+"""Training-speed options and the FLOP count behind MFU: activation checkpointing changes nothing but memory, the
+sync-free loss path equals the boolean-mask one, the FLOP count matches a hand count and the real mask, and the step
+benchmark reports an out-of-memory step as a row."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from conftest_train import tiny_config
+
+from dflashkit.model import TargetHead
+from dflashkit.model.masks import block_labels, dense_mask
+from dflashkit.train.config import DataSpec, DraftSpec, TrainConfig
+from dflashkit.train.data import anchor_generator, collate, sample_anchors
+from dflashkit.train.distributed import Dist
+from dflashkit.train.flops import batch_flops, sequence_flops
+from dflashkit.train.loop import Trainer
+from dflashkit.train.loss import block_loss
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def batch(cfg, lengths=(40, 29), anchors=6, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i, t in enumerate(lengths):
+        loss_mask = torch.zeros(t, dtype=torch.uint8)
+        loss_mask[t // 3:] = 1
+        a, valid = sample_anchors(loss_mask, anchors, anchor_generator(seed, 0, i))
+        items.append({"input_ids": torch.randint(0, cfg.vocab_size - 1, (t,), generator=g),
+                      "aux_hidden_states": torch.randn(t, cfg.num_fused_layers * cfg.hidden_size, generator=g),
+                      "loss_mask": loss_mask, "anchors": a, "anchor_valid": valid, "length": torch.tensor(t)})
+    return collate(items)
+
+
+def trainer(cfg, **options) -> Trainer:
+    tc = TrainConfig(target_model="unused", output_dir="unused", model=DraftSpec(num_layers=cfg.num_hidden_layers,
+                     block_size=cfg.block_size, mask_token_id=cfg.mask_token_id),
+                     data=DataSpec(dump_dirs=["unused"]), **options)
+    g = torch.Generator().manual_seed(7)
+    h, v = cfg.hidden_size, cfg.vocab_size
+    head = TargetHead(torch.randn(v, h, generator=g), torch.randn(v, h, generator=g), torch.ones(h), 1e-6)
+    return Trainer(tc, Dist(), "pre_norm", cfg, head)
+
+
+def run(t: Trainer, cfg, steps=3) -> tuple[list[float], dict]:
+    b = batch(cfg)
+    losses = [t.step([b], lr=1e-2)["loss"] for _ in range(steps)]
+    return losses, {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+
+def test_activation_checkpointing_gives_the_same_training_bitwise():
+    cfg = tiny_config()
+    plain, plain_w = run(trainer(cfg), cfg)
+    ckpt = trainer(cfg, activation_checkpointing=True)
+    assert all(layer.activation_checkpointing for layer in ckpt.model.layers)
+    checkpointed, ckpt_w = run(ckpt, cfg)
+    assert checkpointed == plain and plain[-1] < plain[0]
+    assert plain_w.keys() == ckpt_w.keys()  # parameter names (checkpoints, export) unchanged
+    assert all(torch.equal(plain_w[k], ckpt_w[k]) for k in plain_w)
+
+
+def test_precomputed_rows_equal_boolean_mask_selection():
+    torch.manual_seed(0)
+    b, n, bs, h, v = 2, 5, 4, 8, 30
+    hidden = torch.randn(b, n * bs, h, requires_grad=True)
+    lm_head, labels = torch.randn(v, h), torch.randint(0, v, (b, n, bs))
+    counted = torch.rand(b, n, bs) > 0.3
+    counted[..., 0] = False
+    rows = counted.flatten().nonzero()[:, 0]
+    results = []
+    for kind in ("ce", "dpace"):
+        for given in (None, rows):
+            hidden.grad = None
+            loss, stats = block_loss(hidden, lm_head, labels, counted, kind=kind, gamma=4.0, alpha=0.5,
+                                     kd_weight=0.0, chunk_rows=7, rows=given)
+            loss.backward()
+            results.append((loss.detach(), stats, hidden.grad.clone()))
+        for a, b_ in zip(*results[-2:]):
+            assert torch.equal(a, b_)
+    # The selection itself: the rows boolean indexing picks, in the same order.
+    assert torch.equal(hidden.reshape(-1, h)[counted.flatten()], hidden.reshape(-1, h).index_select(0, rows))
+
+
+def test_flop_count_matches_a_hand_count():
+    cfg = tiny_config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                      intermediate_size=16, vocab_size=10, target_layer_ids=[0, 2], mask_token_id=9, block_size=2)
+    f = sequence_flops(cfg, seq_len=6, anchors=[2, 4], lm_head_rows=2)
+    # fc: 2 * S 6 * (2 layers * H 8) * H 8 = 1536, x2 (no input grad).
+    assert f.fc == 2 * 1536
+    # Q = 2 blocks * 2 = 4 tokens. q 2*4*8*8 = 512, o 512, k and v 2*(6+4)*8*4 = 640 each, MLP 3*2*4*8*16 = 3072.
+    assert f.projections == 3 * (512 + 512 + 640 + 640 + 3072)
+    # Allowed (query, key) pairs: block at 2 -> 2 queries x (2 context + 2 block) = 8, at 4 -> 2 x (4 + 2) = 12;
+    # QK^T and PV: 2 * 2 * 2 heads * 4 dims * 20 pairs = 640, x3.
+    assert f.attention == 3 * 640
+    assert f.lm_head == 2 * (2 * 2 * 8 * 10)  # forward + input grad over 2 counted rows
+    assert f.total == 3072 + 16128 + 1920 + 640
+
+
+def test_flop_count_follows_the_real_mask_rows_and_lengths():
+    cfg = tiny_config()
+    bt = batch(cfg)
+    got = batch_flops(cfg, bt)
+    _, counted = block_labels(bt["input_ids"], bt["loss_mask"], bt["anchors"], bt["anchor_valid"], cfg.block_size)
+    expected_attention = 0
+    for i in range(2):
+        valid = bt["anchor_valid"][i].bool()
+        anchors, t = bt["anchors"][i][valid], int(bt["length"][i])
+        allowed = dense_mask(anchors[None], t, cfg.block_size).sum()  # the mask's True entries, padding excluded
+        expected_attention += 3 * cfg.num_hidden_layers * 4 * cfg.num_attention_heads * cfg.head_dim * int(allowed)
+    assert got.attention == expected_attention
+    assert got.lm_head == 2 * 2 * int(counted.sum()) * cfg.hidden_size * cfg.vocab_size
+    assert got.fc == 2 * 2 * (40 + 29) * cfg.num_fused_layers * cfg.hidden_size ** 2  # real lengths, not padded
+
+
+def test_step_benchmark_reports_out_of_memory_as_a_row(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "bench" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = ["--preset", "smollm2", "--seq", "64", "--anchors", "4", "--vocab-size", "256", "--steps", "1",
+             "--warmup", "0"]
+    assert bench.main(small) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["losses"] and row["model_tflop_per_gpu_step"] >= 0 and row["command"].startswith("python bench/")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(bench.Trainer, "step", out_of_memory)
+    assert bench.main(small) == 3
+    row = json.loads(capsys.readouterr().out)
+    assert row["oom"] is True and "out of memory" in row["error"] and row["micro_batch"] == 1
