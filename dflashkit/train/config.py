@@ -92,7 +92,7 @@ class TrainConfig:
     # Recompute each draft layer's activations in backward instead of keeping them: ~1/3 more layer FLOPs for a
     # fraction of the activation memory (long sequences, big micro-batches). Same losses up to fp rounding.
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each draft layer (fuses norms, RoPE and SwiGLU; first steps compile)
+    compile: bool = False  # torch.compile each draft layer and the lm_head/CE chunks (first steps compile)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1

@@ -72,7 +72,8 @@ class Trainer:
             raise ValueError(f"target head {list(self.head.lm_head.shape)} does not fit the draft "
                              f"(hidden {dcfg.hidden_size}, mask_token_id {dcfg.mask_token_id})")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        draft = DFlashDraft(dcfg)
+        with d.device:  # initialized where it trains: a 1-2 B-parameter draft takes tens of seconds on the CPU
+            draft = DFlashDraft(dcfg)
         with torch.no_grad():  # the draft's output feeds the target's lm_head: start its final norm as the target's
             draft.norm.weight.copy_(self.head.norm_weight.float())
         draft.to(d.device)
@@ -82,7 +83,7 @@ class Trainer:
                 layer.compile()  # in place: parameter names (checkpoints, export) stay the same
         mode = cfg.parallel if cfg.parallel != "auto" else (
             "fsdp" if dcfg.hidden_size >= cfg.fsdp_min_hidden_size else "ddp")
-        self.model = wrap(draft, d, mode)
+        self.model = wrap(draft, d, mode, bf16=self.bf16)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=cuda)
@@ -110,7 +111,7 @@ class Trainer:
             teacher = teacher.to(self.head.lm_head.dtype)
         return block_loss(hidden, self.head.lm_head, labels, counted, kind=c.kind, gamma=c.decay_gamma,
                           alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows,
-                          rows=rows)
+                          rows=rows, compiled=self.cfg.compile)
 
     def _sync_grads(self, sync: bool):
         if hasattr(self.model, "no_sync"):  # DDP: all-reduce only on the step's last micro-batch

@@ -21,6 +21,8 @@ backward (activation checkpointing), so memory holds one chunk of logits at a ti
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -52,30 +54,38 @@ def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return nll, logits.argmax(-1), kd
 
 
-def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int):
+@functools.cache
+def _compiled_chunk_stats():
+    # Fused: the fp32 cast, logsumexp, label gather and argmax read each chunk's logits once instead of writing
+    # [rows, vocab] fp32 copies. Chunks differ in rows (the last one): dynamic shapes, one compilation.
+    return torch.compile(_chunk_stats, dynamic=True)
+
+
+def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool = False):
     """Per-row nll, argmax (and KD soft-CE) for rows of `hidden` [R, H], `chunk_rows` rows of logits at a time."""
+    chunk_stats = _compiled_chunk_stats() if compiled else _chunk_stats
     outs = []
     for start in range(0, hidden.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
         args = (hidden[part], lm_head, labels[part], None if teacher is None else teacher[part])
-        outs.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if hidden.requires_grad
-                    else _chunk_stats(*args))
+        outs.append(checkpoint(chunk_stats, *args, use_reentrant=False) if hidden.requires_grad
+                    else chunk_stats(*args))
     return [torch.cat(parts) for parts in zip(*outs)]
 
 
 def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alpha: float, kd_weight: float,
-               teacher=None, chunk_rows: int = 4096, rows=None):
+               teacher=None, chunk_rows: int = 4096, rows=None, compiled: bool = False):
     """hidden [b, N*B, H] draft outputs; labels/counted [b, N, B]; teacher [b, N, B, H] target final states (normed)
     or None. Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
     normalizer so micro-batches and ranks add up to one big batch.
     `rows`: the flat positions where `counted` is True (`counted.flatten().nonzero()[:, 0]`), on hidden's device.
     Finding them on the GPU waits for the GPU (the host needs their number); the trainer passes them precomputed
-    from the CPU batch so the step never stalls."""
+    from the CPU batch so the step never stalls. `compiled`: the lm_head/CE chunks run as one compiled kernel set."""
     b, n, bs = labels.shape
     rows = counted.flatten().nonzero()[:, 0] if rows is None else rows
     h = hidden.reshape(b * n * bs, -1).index_select(0, rows)
     t = None if teacher is None or kd_weight == 0 else teacher.reshape(b * n * bs, -1).index_select(0, rows)
-    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows)
+    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows, compiled)
     nll = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[0]).view(b, n, bs)
     pred = torch.zeros(b * n * bs, dtype=torch.long, device=hidden.device).index_copy(0, rows, stats[1])
     correct = (pred.view(b, n, bs) == labels) & counted
