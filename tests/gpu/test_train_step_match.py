@@ -72,10 +72,11 @@ def plain() -> list[float]:
     return loss_curve(config(), attention="sdpa", precision="fp32", chunk_rows=10**9)
 
 
-@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-3), ("bf16", 1e-2)])
-def test_fast_step_follows_the_plain_step(plain, precision, rtol):
-    fast = loss_curve(config(), attention="flex", precision=precision, chunk_rows=512, compile=True,
-                      checkpointing=True)
+@pytest.mark.parametrize("precision, compile, checkpointing, rtol", [
+    ("fp32", True, True, 1e-3), ("bf16", True, False, 1e-2), ("bf16", False, True, 1e-2)])
+def test_fast_step_follows_the_plain_step(plain, precision, compile, checkpointing, rtol):
+    fast = loss_curve(config(), attention="flex", precision=precision, chunk_rows=512, compile=compile,
+                      checkpointing=checkpointing)
     assert plain[-1] < plain[0] - 0.3  # the curve moves: the comparison means something
     gaps = [abs(f - p) / p for f, p in zip(fast, plain)]
     assert max(gaps) <= rtol, f"largest relative gap {max(gaps):.2e} at step {gaps.index(max(gaps))}"
