@@ -186,7 +186,11 @@ def run_shard(args: argparse.Namespace) -> int:
                 rec = {"input_ids": torch.tensor(inputs[cid], dtype=torch.int64), "hidden_states": final,
                        "aux_hidden_states": aux, "loss_mask": torch.tensor(masks[cid], dtype=torch.uint8),
                        "conversation_id": cid}
-                fmt.save_dump_record(out_dir, rec)
+                try:
+                    fmt.save_dump_record(out_dir, rec)
+                except OSError as e:  # a full disk names no file: name the record's, for main()'s one line
+                    e.filename = e.filename or str(out_dir / (cid + fmt.RECORD_SUFFIX))
+                    raise
                 c.written += 1
                 c.add_tokens(rec["loss_mask"])
                 progress.update(1)
@@ -256,6 +260,9 @@ def main(argv: list[str] | None = None, backend: str | None = None, prog: str = 
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
     try:
         return run_shard(args)
-    except (fmt.DumpFormatError, FileNotFoundError) as e:  # the shard cannot start: one clear line, exit 1
+    except fmt.DumpFormatError as e:  # the shard cannot start: one clear line, exit 1
         log.error("%s", e)
+        return EXIT_FAILED
+    except OSError as e:  # a missing input, a full disk: the shard cannot go on; one line with the path, exit 1
+        log.error("dump %s: %s", fmt.shard_stem(args.shard_id, args.num_shards), e)
         return EXIT_FAILED

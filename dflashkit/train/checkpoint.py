@@ -58,15 +58,20 @@ def save_checkpoint(root: Path, step: int, model, optimizer, d: Dist, trainer_st
     model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                     cpu_offload=True))
     final, tmp = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    if d.is_main:
+    try:
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            _write(tmp / "model.safetensors", safetensors_bytes({k: v.contiguous() for k, v in model_sd.items()}))
+            _write(tmp / "config.json", config_json.encode())
+            _write(tmp / "optimizer.pt", _torch_bytes(optim_sd))
+            _write(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
+        d.barrier()
+        _write(tmp / f"rng-rank{d.rank}.pt", _torch_bytes(rng_state(d.device)))
+    except OSError as e:  # a full disk: free the partial checkpoint, and name it (the OS's error names no file)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _write(tmp / "model.safetensors", safetensors_bytes({k: v.contiguous() for k, v in model_sd.items()}))
-        _write(tmp / "config.json", config_json.encode())
-        _write(tmp / "optimizer.pt", _torch_bytes(optim_sd))
-        _write(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
-    d.barrier()
-    _write(tmp / f"rng-rank{d.rank}.pt", _torch_bytes(rng_state(d.device)))
+        e.filename = e.filename or str(final)
+        raise
     d.barrier()
     if d.is_main:
         shutil.rmtree(final, ignore_errors=True)  # a rerun that reached this step again

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import torch
 from conftest_dump import good_records, write_shard
+from conftest_train import smollm2_dump  # noqa: F401  (fixture)
 from faultlib import report
+from test_kill_train import STEPS, losses, overrides
 
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.io import iter_jsonl
 from dflashkit.prepare import model_dir
+from dflashkit.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SHARD = "shard-00000-of-00001"
@@ -23,6 +26,13 @@ SHARD = "shard-00000-of-00001"
 
 def grow(where: Path, size: str) -> None:
     subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    """The stage failed with exit 1 and said why in exactly one ERROR log line, without a traceback."""
+    errors = [line for line in res.stderr.splitlines() if " ERROR " in line]
+    assert res.returncode == 1 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    return errors[0]
 
 
 def test_generate_disk_full(vllm_server, small_disk, tmp_path):
@@ -65,8 +75,8 @@ def test_dump_disk_full(prepared, small_disk, tmp_path):
            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert res.returncode != 0
-    assert "No space left on device" in res.stderr, res.stderr[-3000:]
+    line = one_error_line(res)
+    assert f"dump {SHARD}: [Errno 28] No space left on device: '{out}/conv-" in line and line.endswith(".pt'"), line
     assert not (out / f"{SHARD}.done.json").exists()
     assert not list(out.glob(".*.tmp")), "the failed write's temp file is removed"
     first = list_dump_records(out)
@@ -84,3 +94,23 @@ def test_dump_disk_full(prepared, small_disk, tmp_path):
         load_dump_record(path, meta)
     report("disk_full_dump", faults_injected=1, records_checked=len(names), lost=n - len(set(names)),
            duplicated=len(names) - len(set(names)))
+
+
+def test_train_disk_full(smollm2_dump, small_disk, tmp_path):  # noqa: F811
+    disk = small_disk("16m")  # a checkpoint is ~27 MB (weights 9 MB, AdamW state 18 MB): the first one cannot be written
+    out = disk / "train"
+    cmd = [sys.executable, str(REPO / "train_dflash.py"), "--resume", *overrides(smollm2_dump, out, 2)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    line = one_error_line(res)
+    assert f"train stopped: [Errno 28] No space left on device: '{out}/checkpoints/step-00000002'" in line, line
+    assert latest_checkpoint(out / "checkpoints") is None, "no checkpoint is marked complete"
+    assert not list((out / "checkpoints").glob(".*")), "the partial checkpoint is removed (its space freed)"
+
+    grow(disk, "128m")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    latest = latest_checkpoint(out / "checkpoints")
+    assert json.loads((latest / "trainer_state.json").read_text())["step"] == STEPS
+    assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    report("disk_full_train", faults_injected=1, steps_checked=STEPS)
