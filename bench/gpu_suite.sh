@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Issue 7's training-speed table in one device call (2 x H100 80 GB, <= 9 minutes):
+#
+#     bash bench/gpu_suite.sh            # GPU=0 runs the single-GPU rows on card 0 (default: card 1)
+#
+# Every row is one bench/train_step.py run (dflashkit/train/flops.py says what the MFU counts). Each prints the
+# command it ran, then one JSON line {"row": NAME, ...}: the benchmark's own row, or its OOM row, or a
+# timeout/failure/skipped row; nothing stops the suite. Rows run most important first and each has a time limit; a row
+# that would end past BUDGET seconds is skipped. The GPU tests (fast vs plain loss curves, flex vs dense) run in the
+# background on the other card during the single-GPU rows. Everything goes to $OUT/gpu_suite.log (stderr of each
+# row to $OUT/<row>.stderr).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/dflashkit-gpu-suite}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_suite.log
+GPU=${GPU:-1}  # GPU 0 may be shared with another job
+OTHER=$((1 - GPU))
+BUDGET=${BUDGET:-510}
+PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/dflashkit-inductor}
+STEPS=(--warmup 2 --steps 4)
+# Appended to every row (later flags win): a CPU dry run of the suite's plumbing, e.g.
+# SUITE_EXTRA="--preset smollm2 --seq 128 --anchors 8 --vocab-size 512 --num-layers 1" bash bench/gpu_suite.sh
+read -r -a EXTRA <<< "${SUITE_EXTRA:-}"
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+LAST_OK=0
+row() {  # row NAME LIMIT_S CUDA_VISIBLE_DEVICES COMMAND...
+    local name=$1 limit=$2 devices=$3
+    shift 3
+    LAST_OK=0
+    if (( SECONDS + limit > BUDGET )); then
+        log "{\"row\": \"$name\", \"skipped\": \"suite budget ($SECONDS s used of $BUDGET)\"}"
+        return
+    fi
+    log "# $name (limit ${limit}s, at ${SECONDS}s): CUDA_VISIBLE_DEVICES=$devices $*"
+    local out rc json
+    out=$(CUDA_VISIBLE_DEVICES=$devices timeout -k 10 "$limit" "$@" 2> "$OUT/$name.stderr")
+    rc=$?
+    json=$(grep '^{' <<< "$out" | tail -1)
+    if [[ -n $json ]]; then
+        log "{\"row\": \"$name\", \"rc\": $rc, ${json#\{}"
+        [[ $json == *step_time_s* ]] && LAST_OK=1
+    elif (( rc == 124 || rc == 137 )); then
+        log "{\"row\": \"$name\", \"timeout_s\": $limit}"
+    else
+        log "{\"row\": \"$name\", \"failed\": $rc, \"stderr_tail\": $(tail -c 600 "$OUT/$name.stderr" | $PY -c 'import json, sys; print(json.dumps(sys.stdin.read()))')}"
+    fi
+}
+
+one() { row "$1" "$2" "$GPU" $PY bench/train_step.py "${STEPS[@]}" "${@:3}" "${EXTRA[@]}"; }
+two() { row "$1" "$2" "0,1" $PY -m torch.distributed.run --nproc-per-node 2 bench/train_step.py "${STEPS[@]}" "${@:3}" "${EXTRA[@]}"; }
+
+log "# gpu_suite $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); single-GPU rows on card $GPU"
+nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader 2>&1 | sed 's/^/# /' | tee -a "$LOG"
+$PY -c 'import torch, transformers; print("# torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$LOG"
+
+# GPU tests on the other card meanwhile (correctness; their timing does not matter).
+(CUDA_VISIBLE_DEVICES=$OTHER timeout -k 10 300 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
+    tests/gpu/test_train_flex.py > "$OUT/gpu_tests.log" 2>&1; echo "rc $?" >> "$OUT/gpu_tests.log") &
+TESTS=$!
+
+# 1. qwen3-8b on one GPU: today's step, then compiled; micro-batch 1, 2, 4.
+one q8b-mb1-base 120 --preset qwen3-8b --micro-batch 1 --sync-debug
+one q8b-mb1-compile 180 --preset qwen3-8b --micro-batch 1 --compile
+one q8b-mb2-compile 120 --preset qwen3-8b --micro-batch 2 --compile
+one q8b-mb4-compile 120 --preset qwen3-8b --micro-batch 4 --compile
+
+log "# waiting for the GPU tests (pid $TESTS) before the 2-GPU rows"
+wait $TESTS
+log "# gpu tests: $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
+
+# 2. minimax-m3 at seq 8192, micro-batch 4 per GPU, FSDP2 on 2 GPUs (activation checkpointing: without it the
+#    five layers' activations alone need ~45 GiB at micro-batch 4).
+two m3-fsdp2-mb4-ac-compile 180 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing --compile
+if (( ! LAST_OK )); then
+    two m3-fsdp2-mb4-ac 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing
+fi
+
+# 3. scaling 1 -> 2 GPUs (DDP), qwen3-8b micro-batch 1: tokens_per_s_total here / (2 x tokens_per_s_per_gpu of
+#    q8b-mb1-compile).
+two q8b-ddp2-mb1-compile 120 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
+
+# 4. What fits on one GPU for minimax-m3, and the rest of the grid as time allows.
+one m3-mb4-ac-compile 120 --preset minimax-m3 --micro-batch 4 --activation-checkpointing --compile
+one m3-mb1-compile 100 --preset minimax-m3 --micro-batch 1 --compile
+one q8b-mb4-ac-compile 100 --preset qwen3-8b --micro-batch 4 --activation-checkpointing --compile
+two q8b-fsdp2-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
+two q8b-ddp2-mb1-base 90 --preset qwen3-8b --micro-batch 1 --parallel ddp
+# The shape the trainer would build from M3's own config.json (64/4 heads, its 3072-wide expert MLP) if the recipe
+# sets no model.* dims: see the report of issue 7.
+two m3-configjson-fsdp2-mb4-ac-compile 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp \
+    --activation-checkpointing --compile --num-attention-heads 64 --intermediate-size 3072
+
+log "# done in ${SECONDS}s"
