@@ -17,8 +17,12 @@ LOG=$OUT/gpu_suite.log
 GPU=${GPU:-1}  # GPU 0 may be shared with another job
 OTHER=$((1 - GPU))
 BUDGET=${BUDGET:-510}
+ROWS=${ROWS:-.}  # a regex: only rows whose name matches run (e.g. ROWS='m3-' for a rerun)
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/dflashkit-inductor}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # dflashkit from this checkout, installed or not
+# Fewer fragmentation OOMs near the memory limit (the minimax-m3 rows); allocated-memory peaks are unaffected.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 STEPS=(--warmup 2 --steps 4)
 # Appended to every row (later flags win): a CPU dry run of the suite's plumbing, e.g.
 # SUITE_EXTRA="--preset smollm2 --seq 128 --anchors 8 --vocab-size 512 --num-layers 1" bash bench/gpu_suite.sh
@@ -31,6 +35,7 @@ row() {  # row NAME LIMIT_S CUDA_VISIBLE_DEVICES COMMAND...
     local name=$1 limit=$2 devices=$3
     shift 3
     LAST_OK=0
+    [[ $name =~ $ROWS ]] || return 0
     if (( SECONDS + limit > BUDGET )); then
         log "{\"row\": \"$name\", \"skipped\": \"suite budget ($SECONDS s used of $BUDGET)\"}"
         return
@@ -46,7 +51,7 @@ row() {  # row NAME LIMIT_S CUDA_VISIBLE_DEVICES COMMAND...
     elif (( rc == 124 || rc == 137 )); then
         log "{\"row\": \"$name\", \"timeout_s\": $limit}"
     else
-        log "{\"row\": \"$name\", \"failed\": $rc, \"stderr_tail\": $(tail -c 600 "$OUT/$name.stderr" | $PY -c 'import json, sys; print(json.dumps(sys.stdin.read()))')}"
+        log "{\"row\": \"$name\", \"failed\": $rc, \"stderr_tail\": \"$(tail -c 600 "$OUT/$name.stderr" | tr '\n\t' '  ' | sed 's/\\/\\\\/g; s/"/\\"/g')\"}"
     fi
 }
 
@@ -56,6 +61,8 @@ two() { row "$1" "$2" "0,1" $PY -m torch.distributed.run --nproc-per-node 2 benc
 log "# gpu_suite $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); single-GPU rows on card $GPU"
 nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader 2>&1 | sed 's/^/# /' | tee -a "$LOG"
 $PY -c 'import torch, transformers; print("# torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$LOG"
+$PY -c 'import pytest' 2> /dev/null || log "# pytest is not installed: the GPU tests will fail to start"
+log "# PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
 
 # GPU tests on the other card meanwhile (correctness; their timing does not matter).
 (CUDA_VISIBLE_DEVICES=$OTHER timeout -k 10 300 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
