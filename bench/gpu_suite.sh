@@ -72,6 +72,7 @@ TESTS=$!
 # 1. qwen3-8b on one GPU: today's step, then compiled; micro-batch 1, 2, 4.
 one q8b-mb1-base 120 --preset qwen3-8b --micro-batch 1 --sync-debug
 one q8b-mb1-compile 180 --preset qwen3-8b --micro-batch 1 --compile
+one q8b-mb1-compile-gradfwd 90 --preset qwen3-8b --micro-batch 1 --compile --lm-head-grad-in-forward
 one q8b-mb2-compile 120 --preset qwen3-8b --micro-batch 2 --compile
 one q8b-mb4-compile 120 --preset qwen3-8b --micro-batch 4 --compile
 

@@ -111,6 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="train.compile: torch.compile each draft layer")
     p.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing")
     p.add_argument("--vocab-chunk-rows", type=int, default=LossSpec.vocab_chunk_rows)
+    p.add_argument("--lm-head-grad-in-forward", action="store_true", help="loss.lm_head_grad_in_forward")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="bf16 dense peak of one card for MFU (989: H100 SXM and H200)")
@@ -136,7 +137,8 @@ def build(args, d: Dist):
                       model=DraftSpec(num_layers=dcfg.num_hidden_layers, block_size=dcfg.block_size,
                                       mask_token_id=dcfg.mask_token_id),
                       data=DataSpec(dump_dirs=["synthetic"], num_anchors=anchors, micro_batch_size=args.micro_batch),
-                      loss=LossSpec(vocab_chunk_rows=args.vocab_chunk_rows))
+                      loss=LossSpec(vocab_chunk_rows=args.vocab_chunk_rows,
+                                    lm_head_grad_in_forward=args.lm_head_grad_in_forward))
     cfg.validate()
     h, v = dcfg.hidden_size, dcfg.vocab_size
     dt = torch.bfloat16 if d.device.type == "cuda" and cfg.precision != "fp32" else torch.float32
@@ -197,6 +199,7 @@ def run(args, d: Dist) -> dict:
         "attention": trainer.attention if trainer.attention != "auto" else ("flex" if cuda else "sdpa"),
         "precision": "bf16-autocast" if trainer.bf16 else "fp32", "compile": cfg.compile,
         "activation_checkpointing": cfg.activation_checkpointing, "vocab_chunk_rows": cfg.loss.vocab_chunk_rows,
+        "lm_head_grad_in_forward": cfg.loss.lm_head_grad_in_forward,
         "draft_params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1),  # DTensor: global
         "step_time_s": round(step_time, 4),
         "tokens_per_s_per_gpu": round(tokens / step_time), "tokens_per_s_total": round(tokens * d.world_size / step_time),

@@ -70,6 +70,9 @@ class LossSpec:
     dpace_alpha: float = 0.5  # D-PACE smoothing: q -> (1 - alpha) q + alpha
     kd_weight: float = 0.0  # > 0 adds KD (soft cross-entropy) against the target's logits
     vocab_chunk_rows: int = 4096  # rows of [rows, vocab] logits alive at once
+    # Compute the rows' gradients with the logits in forward instead of recomputing each chunk in backward: one
+    # lm_head matmul fewer (~12% of a Qwen3-8B draft step's FLOPs); same loss, gradients equal up to rounding.
+    lm_head_grad_in_forward: bool = False
 
     def validate(self) -> None:
         if self.decay_gamma < 0 or not 0 <= self.dpace_alpha <= 1 or self.kd_weight < 0 or self.vocab_chunk_rows < 1:

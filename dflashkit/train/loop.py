@@ -111,7 +111,7 @@ class Trainer:
             teacher = teacher.to(self.head.lm_head.dtype)
         return block_loss(hidden, self.head.lm_head, labels, counted, kind=c.kind, gamma=c.decay_gamma,
                           alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows,
-                          rows=rows, compiled=self.cfg.compile)
+                          rows=rows, compiled=self.cfg.compile, grad_in_forward=c.lm_head_grad_in_forward)
 
     def _sync_grads(self, sync: bool):
         if hasattr(self.model, "no_sync"):  # DDP: all-reduce only on the step's last micro-batch

@@ -61,8 +61,55 @@ def _compiled_chunk_stats():
     return torch.compile(_chunk_stats, dynamic=True)
 
 
-def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool = False):
+def _chunk_stats_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
+    """_chunk_stats plus each row's gradient of nll (and of kd) w.r.t. its hidden state: d nll / d logits is
+    softmax - onehot(label), d kd / d logits is softmax - target_probs; times the lm_head."""
+    logits = (hidden @ weight.t()).float()
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - log_z)
+    log_z = log_z.squeeze(-1)
+    nll = log_z - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    d_logits = probs.scatter_add(-1, labels.unsqueeze(-1), -torch.ones_like(nll).unsqueeze(-1))
+    outs = [nll, logits.argmax(-1), None, d_logits.to(hidden.dtype) @ weight.to(hidden.dtype), None]
+    if teacher is not None:
+        target_probs = torch.softmax((teacher @ weight.t()).float(), dim=-1)
+        outs[2] = log_z - (target_probs * logits).sum(-1)
+        outs[4] = (probs - target_probs).to(hidden.dtype) @ weight.to(hidden.dtype)
+    return outs
+
+
+class _RowStatsGradInForward(torch.autograd.Function):
+    """row_stats whose backward is one scale per row: the rows' gradients are computed with the logits in forward,
+    so no chunk of logits is computed twice (the checkpointed path recomputes every chunk: a third lm_head matmul)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, teacher, chunk_rows):
+        with torch.no_grad():
+            parts = [_chunk_stats_and_grads(hidden[i:i + chunk_rows], weight, labels[i:i + chunk_rows],
+                                            None if teacher is None else teacher[i:i + chunk_rows])
+                     for i in range(0, hidden.shape[0], chunk_rows)]
+        nll, pred, kd, g_nll, g_kd = [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
+        ctx.save_for_backward(g_nll, g_kd)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(pred)
+        return (nll, pred) if kd is None else (nll, pred, kd)
+
+    @staticmethod
+    def backward(ctx, d_nll, d_pred, d_kd=None):
+        g_nll, g_kd = ctx.saved_tensors
+        grad = d_nll.unsqueeze(-1) * g_nll
+        if g_kd is not None:
+            grad = grad + d_kd.unsqueeze(-1) * g_kd
+        return grad.to(ctx.hidden_dtype), None, None, None, None
+
+
+def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool = False,
+              grad_in_forward: bool = False):
     """Per-row nll, argmax (and KD soft-CE) for rows of `hidden` [R, H], `chunk_rows` rows of logits at a time."""
+    if grad_in_forward and hidden.requires_grad:
+        if lm_head.requires_grad:
+            raise ValueError("grad_in_forward assumes a frozen lm_head")
+        return list(_RowStatsGradInForward.apply(hidden, lm_head, labels, teacher, chunk_rows))
     chunk_stats = _compiled_chunk_stats() if compiled else _chunk_stats
     outs = []
     for start in range(0, hidden.shape[0], chunk_rows):
@@ -74,7 +121,7 @@ def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool 
 
 
 def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alpha: float, kd_weight: float,
-               teacher=None, chunk_rows: int = 4096, rows=None, compiled: bool = False):
+               teacher=None, chunk_rows: int = 4096, rows=None, compiled: bool = False, grad_in_forward: bool = False):
     """hidden [b, N*B, H] draft outputs; labels/counted [b, N, B]; teacher [b, N, B, H] target final states (normed)
     or None. Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
     normalizer so micro-batches and ranks add up to one big batch.
@@ -85,7 +132,7 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
     rows = counted.flatten().nonzero()[:, 0] if rows is None else rows
     h = hidden.reshape(b * n * bs, -1).index_select(0, rows)
     t = None if teacher is None or kd_weight == 0 else teacher.reshape(b * n * bs, -1).index_select(0, rows)
-    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows, compiled)
+    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows, compiled, grad_in_forward)
     nll = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[0]).view(b, n, bs)
     pred = torch.zeros(b * n * bs, dtype=torch.long, device=hidden.device).index_copy(0, rows, stats[1])
     correct = (pred.view(b, n, bs) == labels) & counted

@@ -84,6 +84,26 @@ def test_precomputed_rows_equal_boolean_mask_selection():
     assert torch.equal(hidden.reshape(-1, h)[counted.flatten()], hidden.reshape(-1, h).index_select(0, rows))
 
 
+def test_lm_head_gradient_in_forward_equals_the_recomputed_one():
+    torch.manual_seed(0)
+    b, n, bs, h, v = 2, 7, 4, 16, 50
+    hidden = torch.randn(b, n * bs, h, requires_grad=True)
+    lm_head, labels, teacher = torch.randn(v, h), torch.randint(0, v, (b, n, bs)), torch.randn(b, n, bs, h)
+    counted = torch.rand(b, n, bs) > 0.3
+    counted[..., 0] = False
+    for kind in ("ce", "dpace"):
+        results = []
+        for grad_in_forward in (False, True):
+            hidden.grad = None
+            loss, stats = block_loss(hidden, lm_head, labels, counted, kind=kind, gamma=4.0, alpha=0.5, kd_weight=0.3,
+                                     teacher=teacher, chunk_rows=5, grad_in_forward=grad_in_forward)
+            loss.backward()
+            results.append((loss.detach(), stats, hidden.grad.clone()))
+        (loss_a, stats_a, grad_a), (loss_b, stats_b, grad_b) = results
+        assert torch.equal(loss_a, loss_b) and torch.equal(stats_a, stats_b)
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-5)  # fp32 rounding order only
+
+
 def test_flop_count_matches_a_hand_count():
     cfg = tiny_config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
                       intermediate_size=16, vocab_size=10, target_layer_ids=[0, 2], mask_token_id=9, block_size=2)
