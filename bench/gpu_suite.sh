@@ -65,16 +65,14 @@ $PY -c 'import pytest' 2> /dev/null || log "# pytest is not installed: the GPU t
 log "# PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
 
 # GPU tests on the other card meanwhile (correctness; their timing does not matter).
-(CUDA_VISIBLE_DEVICES=$OTHER timeout -k 10 300 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
+(CUDA_VISIBLE_DEVICES=$OTHER timeout -k 10 240 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
     tests/gpu/test_train_flex.py > "$OUT/gpu_tests.log" 2>&1; echo "rc $?" >> "$OUT/gpu_tests.log") &
 TESTS=$!
 
-# 1. qwen3-8b on one GPU: today's step, then compiled; micro-batch 1, 2, 4.
-one q8b-mb1-base 120 --preset qwen3-8b --micro-batch 1 --sync-debug
-one q8b-mb1-compile 180 --preset qwen3-8b --micro-batch 1 --compile
-one q8b-mb1-compile-gradfwd 90 --preset qwen3-8b --micro-batch 1 --compile --lm-head-grad-in-forward
-one q8b-mb2-compile 120 --preset qwen3-8b --micro-batch 2 --compile
-one q8b-mb4-compile 120 --preset qwen3-8b --micro-batch 4 --compile
+# 1. qwen3-8b MFU on one GPU: today's step, compiled, and compiled without the lm_head recompute.
+one q8b-mb1-base 100 --preset qwen3-8b --micro-batch 1 --sync-debug
+one q8b-mb1-compile 150 --preset qwen3-8b --micro-batch 1 --compile
+one q8b-mb1-compile-gradfwd 80 --preset qwen3-8b --micro-batch 1 --compile --lm-head-grad-in-forward
 
 log "# waiting for the GPU tests (pid $TESTS) before the 2-GPU rows"
 wait $TESTS
@@ -82,24 +80,26 @@ log "# gpu tests: $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
 
 # 2. minimax-m3 at seq 8192, micro-batch 4 per GPU, FSDP2 on 2 GPUs (activation checkpointing: without it the
 #    five layers' activations alone need ~45 GiB at micro-batch 4).
-two m3-fsdp2-mb4-ac-compile 180 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing --compile
+two m3-fsdp2-mb4-ac-compile 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing --compile
 if (( ! LAST_OK )); then
-    two m3-fsdp2-mb4-ac 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing
+    two m3-fsdp2-mb4-ac 120 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing
 fi
 
-# 3. scaling 1 -> 2 GPUs (DDP), qwen3-8b micro-batch 1: tokens_per_s_total here / (2 x tokens_per_s_per_gpu of
+# 3. Scaling 1 -> 2 GPUs (DDP), qwen3-8b micro-batch 1: tokens_per_s_total here / (2 x tokens_per_s_per_gpu of
 #    q8b-mb1-compile).
-two q8b-ddp2-mb1-compile 120 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
+two q8b-ddp2-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
 
-# 4. What fits on one GPU for minimax-m3, and the rest of the grid as time allows.
-one m3-mb4-ac-compile 120 --preset minimax-m3 --micro-batch 4 --activation-checkpointing --compile
-one m3-mb1-compile 100 --preset minimax-m3 --micro-batch 1 --compile
-one q8b-mb4-ac-compile 100 --preset qwen3-8b --micro-batch 4 --activation-checkpointing --compile
-two q8b-fsdp2-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
-two q8b-ddp2-mb1-base 90 --preset qwen3-8b --micro-batch 1 --parallel ddp
+# 4. Bigger micro-batches, what fits on one GPU for minimax-m3, and the rest as time allows.
+one q8b-mb2-compile 80 --preset qwen3-8b --micro-batch 2 --compile
+one q8b-mb4-compile 80 --preset qwen3-8b --micro-batch 4 --compile
+one m3-mb4-ac-compile 100 --preset minimax-m3 --micro-batch 4 --activation-checkpointing --compile
+one m3-mb1-compile 90 --preset minimax-m3 --micro-batch 1 --compile
+one q8b-mb4-ac-compile 80 --preset qwen3-8b --micro-batch 4 --activation-checkpointing --compile
+two q8b-fsdp2-mb1-compile 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
+two q8b-ddp2-mb1-base 80 --preset qwen3-8b --micro-batch 1 --parallel ddp
 # The shape the trainer would build from M3's own config.json (64/4 heads, its 3072-wide expert MLP) if the recipe
-# sets no model.* dims: see the report of issue 7.
-two m3-configjson-fsdp2-mb4-ac-compile 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp \
+# sets no model.* dims.
+two m3-configjson-fsdp2-mb4-ac-compile 120 --preset minimax-m3 --micro-batch 4 --parallel fsdp \
     --activation-checkpointing --compile --num-attention-heads 64 --intermediate-size 3072
 
 log "# done in ${SECONDS}s"
