@@ -55,10 +55,10 @@ def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
 
 
 @functools.cache
-def _compiled_chunk_stats():
+def _compiled(chunk_fn):
     # Fused: the fp32 cast, logsumexp, label gather and argmax read each chunk's logits once instead of writing
     # [rows, vocab] fp32 copies. Chunks differ in rows (the last one): dynamic shapes, one compilation.
-    return torch.compile(_chunk_stats, dynamic=True)
+    return torch.compile(chunk_fn, dynamic=True)
 
 
 def _chunk_stats_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
@@ -83,10 +83,11 @@ class _RowStatsGradInForward(torch.autograd.Function):
     so no chunk of logits is computed twice (the checkpointed path recomputes every chunk: a third lm_head matmul)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, teacher, chunk_rows):
+    def forward(ctx, hidden, weight, labels, teacher, chunk_rows, compiled):
+        chunk_fn = _compiled(_chunk_stats_and_grads) if compiled else _chunk_stats_and_grads
         with torch.no_grad():
-            parts = [_chunk_stats_and_grads(hidden[i:i + chunk_rows], weight, labels[i:i + chunk_rows],
-                                            None if teacher is None else teacher[i:i + chunk_rows])
+            parts = [chunk_fn(hidden[i:i + chunk_rows], weight, labels[i:i + chunk_rows],
+                              None if teacher is None else teacher[i:i + chunk_rows])
                      for i in range(0, hidden.shape[0], chunk_rows)]
         nll, pred, kd, g_nll, g_kd = [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
         ctx.save_for_backward(g_nll, g_kd)
@@ -100,7 +101,7 @@ class _RowStatsGradInForward(torch.autograd.Function):
         grad = d_nll.unsqueeze(-1) * g_nll
         if g_kd is not None:
             grad = grad + d_kd.unsqueeze(-1) * g_kd
-        return grad.to(ctx.hidden_dtype), None, None, None, None
+        return grad.to(ctx.hidden_dtype), None, None, None, None, None
 
 
 def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool = False,
@@ -109,8 +110,8 @@ def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool 
     if grad_in_forward and hidden.requires_grad:
         if lm_head.requires_grad:
             raise ValueError("grad_in_forward assumes a frozen lm_head")
-        return list(_RowStatsGradInForward.apply(hidden, lm_head, labels, teacher, chunk_rows))
-    chunk_stats = _compiled_chunk_stats() if compiled else _chunk_stats
+        return list(_RowStatsGradInForward.apply(hidden, lm_head, labels, teacher, chunk_rows, compiled))
+    chunk_stats = _compiled(_chunk_stats) if compiled else _chunk_stats
     outs = []
     for start in range(0, hidden.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
