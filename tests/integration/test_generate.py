@@ -242,20 +242,23 @@ def test_server_dies_at_startup_and_extra_args_are_never_executed(prompt_dir, tm
 
 
 def test_server_death_while_generating(prompt_dir, tmp_path, worker_env):
+    """The server is killed mid-shard: the worker fails within 60 s; a second worker run (a fresh server) resumes
+    the shard, keeps what was written, and completes it with every conversation exactly once."""
+    n = 6
     name = f"dies-{secrets.token_hex(4)}"
     key = secrets.token_urlsafe(24)
     big = write_jsonl(tmp_path / "many.jsonl", [
-        {"id": f"c{i}", "messages": [{"role": "user", "content": f"Count slowly to {i + 50}."}]} for i in range(40)])
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"Count slowly to {i + 50}."}]} for i in range(n)])
     env = worker_env(INPUT=str(big), OUTPUT_DIR=str(tmp_path / "gen"), SERVED_MODEL_NAME=name, API_KEY=key,
-                     MAX_TOKENS="64", CONCURRENCY="2")
+                     MAX_TOKENS="16", CONCURRENCY="2")
+    shard = tmp_path / "gen" / "shard-00000-of-00001.jsonl"
     log = tmp_path / "worker.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(["bash", str(WORKER), "--", "--no-progress"], env=env, stdout=f, stderr=f)
     deadline = time.monotonic() + 300
-    while "server 0 healthy" not in log.read_text() and time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-    time.sleep(3)  # let generation start
+    while not (shard.exists() and shard.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]  # kill once a conversation is on disk: mid-shard
+        time.sleep(0.2)
     # No process shows the key on its command line.
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
@@ -272,3 +275,15 @@ def test_server_death_while_generating(prompt_dir, tmp_path, worker_env):
     assert not (tmp_path / "gen" / "shard-00000-of-00001.done.json").exists()
     assert _server_processes(name) == []
     assert key not in text
+
+    kept = [obj["id"] for obj in jsonl(shard)]
+    assert 1 <= len(kept) < n
+    again = run_worker(env, "--", "--no-progress")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming: {len(kept)} conversations already in" in again.stdout + again.stderr
+    ids = [obj["id"] for obj in jsonl(shard)]
+    assert ids[:len(kept)] == kept, "the conversations written before the death are kept as they were"
+    assert sorted(ids) == sorted(f"c{i}" for i in range(n)), "every conversation exactly once"
+    marker = json.loads((tmp_path / "gen" / "shard-00000-of-00001.done.json").read_text())
+    assert marker["counts"] == {"input": n, "written": n, "skipped": 0, "errors": 0}
+    assert _server_processes(name) == []
