@@ -14,6 +14,7 @@ HEADER = ("| card | mode | options | micro-batch | step time | tokens/s per GPU 
 def options(r: dict) -> str:
     parts = [r["attention"], r["precision"]]
     parts += ["compile"] * r["compile"] + ["act. ckpt"] * r["activation_checkpointing"]
+    parts += ["lm_head grad in forward"] * r.get("lm_head_grad_in_forward", False)
     return ", ".join(parts)
 
 
@@ -35,7 +36,7 @@ def main(path: str) -> None:
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(text) for text in f if text.startswith("{")]
     for r in rows:
-        by_preset.setdefault(r.get("preset", r["row"].split("-")[0]), []).append(r)
+        by_preset.setdefault(r.get("preset") or r["row"].split("-")[0], []).append(r)
     for preset, rows in by_preset.items():
         print(f"\n{preset}\n\n{HEADER}")
         for r in rows:
