@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from dflashkit.cli import exit_on_sigterm
 from dflashkit.eval.prompts import load_prompts
 from dflashkit.eval.run import summarize_vllm
 from dflashkit.eval.vllm_metrics import VllmClient
@@ -62,6 +64,7 @@ def run_interleaved(configs: list[tuple[str, dict | None]], args, prompts, log_d
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)  # a killed run stops its servers
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", required=True)
     p.add_argument("--draft", required=True, help="exported draft folder")

@@ -5,6 +5,7 @@ The table holds only names, so `dflashkit --help` imports nothing heavy and each
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # subcommand -> (module exposing main(argv), or "module:function" for another entry, one-line help)
@@ -33,8 +34,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def exit_on_sigterm(signum, frame) -> None:
+    # Python's default SIGTERM ends the process without unwinding the stack, so a vLLM server started by
+    # serve.running_server (eval, demo) would outlive it. SystemExit unwinds: every context manager stops what it started.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
