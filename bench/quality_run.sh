@@ -15,6 +15,9 @@ read -r -a gpus <<<"$GPUS"
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 read -r -a eval_args <<<"${EVAL_ARGS:-}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Fail in the first second, not after the machine's warm-up: the GGUF conversion needs the gguf package, which GPU
+# images often lack (carry its wheel and put it on PYTHONPATH).
+python -c 'import gguf' 2> /dev/null || { echo "quality_run: python has no gguf package (pip install gguf)" >&2; exit 2; }
 mkdir -p "$W"
 stamp() { echo "$(date +%s) $*" | tee -a "$W/timings.txt"; }
 on_gpu() { local g=$1; shift; CUDA_VISIBLE_DEVICES=$g "$@"; }
