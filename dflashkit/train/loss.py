@@ -17,7 +17,8 @@ Optional KD adds the soft cross-entropy against the target's distribution at the
 lm_head applied to its final hidden state at position a + k - 1 (normed first when the dump stores it pre-norm).
 
 Logits never exist as a full [tokens, vocab] fp32 tensor: rows go through the lm_head in chunks, each recomputed in
-backward (activation checkpointing), so memory holds one chunk of logits at a time.
+backward (activation checkpointing), or, with `grad_in_forward`, each chunk's gradient computed with its logits and
+kept as [rows, hidden]; either way memory holds one chunk of logits at a time.
 """
 from __future__ import annotations
 
@@ -43,15 +44,21 @@ def dpace_weights(q: torch.Tensor, counted: torch.Tensor, alpha: float) -> torch
     return suffix * counted
 
 
-def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
+def _logit_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
+    """One chunk's fp32 logits, log-partition, nll of the labels, and (with a teacher) its probabilities and the KD
+    soft cross-entropy. Shared by both lm_head paths below, so they compute the same loss."""
     logits = (hidden @ weight.t()).float()
     log_z = torch.logsumexp(logits, dim=-1)
     nll = log_z - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if teacher is None:
-        return nll, logits.argmax(-1)
+        return logits, log_z, nll, None, None
     target_probs = torch.softmax((teacher @ weight.t()).float(), dim=-1)
-    kd = log_z - (target_probs * logits).sum(-1)
-    return nll, logits.argmax(-1), kd
+    return logits, log_z, nll, target_probs, log_z - (target_probs * logits).sum(-1)
+
+
+def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
+    logits, _, nll, _, kd = _logit_stats(hidden, weight, labels, teacher)
+    return (nll, logits.argmax(-1)) if kd is None else (nll, logits.argmax(-1), kd)
 
 
 @functools.cache
@@ -64,18 +71,11 @@ def _compiled(chunk_fn):
 def _chunk_stats_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
     """_chunk_stats plus each row's gradient of nll (and of kd) w.r.t. its hidden state: d nll / d logits is
     softmax - onehot(label), d kd / d logits is softmax - target_probs; times the lm_head."""
-    logits = (hidden @ weight.t()).float()
-    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - log_z)
-    log_z = log_z.squeeze(-1)
-    nll = log_z - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    logits, log_z, nll, target_probs, kd = _logit_stats(hidden, weight, labels, teacher)
+    probs = torch.exp(logits - log_z.unsqueeze(-1))
     d_logits = probs.scatter_add(-1, labels.unsqueeze(-1), -torch.ones_like(nll).unsqueeze(-1))
-    outs = [nll, logits.argmax(-1), None, d_logits.to(hidden.dtype) @ weight.to(hidden.dtype), None]
-    if teacher is not None:
-        target_probs = torch.softmax((teacher @ weight.t()).float(), dim=-1)
-        outs[2] = log_z - (target_probs * logits).sum(-1)
-        outs[4] = (probs - target_probs).to(hidden.dtype) @ weight.to(hidden.dtype)
-    return outs
+    g_kd = None if kd is None else (probs - target_probs).to(hidden.dtype) @ weight.to(hidden.dtype)
+    return [nll, logits.argmax(-1), kd, d_logits.to(hidden.dtype) @ weight.to(hidden.dtype), g_kd]
 
 
 class _RowStatsGradInForward(torch.autograd.Function):
