@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7's training-speed table in one device call (2 x H100 80 GB, <= 9 minutes):
+# Issue 7's training-speed table in one device call (2 or 4 x H100 80 GB, <= 9 minutes):
 #
 #     bash bench/gpu_suite.sh            # GPU=0 runs the single-GPU rows on card 0 (default: card 1)
+#
+# On a 4-GPU machine the scaling rows (1 -> 2 -> 4 GPUs, DDP and FSDP2) come first; on 2 GPUs the suite is the
+# original one (single-GPU MFU rows, minimax-m3 FSDP2, DDP 1 -> 2).
 #
 # Every row is one bench/train_step.py run (dflashkit/train/flops.py says what the MFU counts). Each prints the
 # command it ran, then one JSON line {"row": NAME, ...}: the benchmark's own row, or its OOM row, or a
@@ -14,8 +17,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dflashkit-gpu-suite}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_suite.log
+NGPU=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
 GPU=${GPU:-1}  # GPU 0 may be shared with another job
-OTHER=$((1 - GPU))
+OTHER=$(( GPU == NGPU - 1 ? 0 : NGPU - 1 ))  # the GPU tests' card during the single-GPU rows
 BUDGET=${BUDGET:-510}
 ROWS=${ROWS:-.}  # a regex: only rows whose name matches run (e.g. ROWS='m3-' for a rerun)
 PY=${PYTHON:-python}
@@ -56,7 +60,13 @@ row() {  # row NAME LIMIT_S CUDA_VISIBLE_DEVICES COMMAND...
 }
 
 one() { row "$1" "$2" "$GPU" $PY bench/train_step.py "${STEPS[@]}" "${@:3}" "${EXTRA[@]}"; }
-two() { row "$1" "$2" "0,1" $PY -m torch.distributed.run --nproc-per-node 2 bench/train_step.py "${STEPS[@]}" "${@:3}" "${EXTRA[@]}"; }
+multi() {  # multi NGPUS NAME LIMIT ARGS...: torchrun over the first NGPUS cards
+    local n=$1; shift
+    row "$1" "$2" "$(seq -s, 0 $((n - 1)))" $PY -m torch.distributed.run --nproc-per-node "$n" bench/train_step.py \
+        "${STEPS[@]}" "${@:3}" "${EXTRA[@]}"
+}
+two() { multi 2 "$@"; }
+four() { multi 4 "$@"; }
 
 log "# gpu_suite $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); single-GPU rows on card $GPU"
 nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,noheader 2>&1 | sed 's/^/# /' | tee -a "$LOG"
@@ -68,6 +78,25 @@ log "# PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
 (CUDA_VISIBLE_DEVICES=$OTHER timeout -k 10 240 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
     tests/gpu/test_train_flex.py > "$OUT/gpu_tests.log" 2>&1; echo "rc $?" >> "$OUT/gpu_tests.log") &
 TESTS=$!
+
+if (( NGPU >= 4 )); then
+    # Scaling efficiency = tokens_per_s_total(N GPUs) / (N x tokens_per_s_per_gpu(1 GPU)), qwen3-8b micro-batch 1.
+    one q8b-mb1-compile 150 --preset qwen3-8b --micro-batch 1 --compile
+    two q8b-ddp2-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
+    log "# waiting for the GPU tests (pid $TESTS) before the 4-GPU rows"
+    wait $TESTS
+    log "# gpu tests: $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
+    four q8b-ddp4-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
+    four q8b-fsdp4-mb1-compile 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
+    two q8b-fsdp2-mb1-compile 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
+    four m3-fsdp4-mb4-ac-compile 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing \
+        --compile
+    one q8b-mb1-compile-gradfwd 80 --preset qwen3-8b --micro-batch 1 --compile --lm-head-grad-in-forward
+    four q8b-ddp4-mb1-compile-gradfwd 90 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile \
+        --lm-head-grad-in-forward
+    log "# done in ${SECONDS}s"
+    exit 0
+fi
 
 # 1. qwen3-8b MFU on one GPU: today's step, compiled, and compiled without the lm_head recompute.
 one q8b-mb1-base 100 --preset qwen3-8b --micro-batch 1 --sync-debug
