@@ -50,6 +50,27 @@ def read_dump_dirs(dump_dirs: list[str]) -> tuple[dict, list[Path]]:
     return meta, paths
 
 
+def split_heldout(paths: list[Path], count: int) -> tuple[list[Path], list[Path]]:
+    """(training records, held-out records). The held-out ones come from a permutation with a fixed seed, so runs
+    with different seeds are scored on the same text; both lists keep the dump order."""
+    if count == 0:
+        return paths, []
+    if count >= len(paths):
+        raise ValueError(f"data.heldout_records={count} leaves none of the {len(paths)} records for training")
+    chosen = set(torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))[:count].tolist())
+    return ([p for i, p in enumerate(paths) if i not in chosen], [p for i, p in enumerate(paths) if i in chosen])
+
+
+def heldout_micro_batches(num_records: int, world_size: int, rank: int, micro_batch_size: int):
+    """Rank `rank`'s share of the held-out records as micro-batches of (index, epoch 0: fixed anchors). Every rank
+    gets the same number (FSDP2's forward is collective), so the last num_records % world_size are not scored."""
+    per_rank = num_records // world_size
+    if per_rank == 0:
+        raise ValueError(f"data.heldout_records={num_records} is fewer than one record per rank ({world_size})")
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    return [[(i, 0) for i in mine[s: s + micro_batch_size]] for s in range(0, per_rank, micro_batch_size)]
+
+
 def anchor_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))

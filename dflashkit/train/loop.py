@@ -148,6 +148,23 @@ class Trainer:
                 **summarize(reduced[1:].cpu(), B)}
 
 
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> dict:
+        """The step's loss and acceptance figures on held-out batches: no gradient, no update; summed over ranks."""
+        c, d, B = self.cfg.loss, self.d, self.dcfg.block_size
+        sums, stats = torch.zeros(2, device=d.device), 0  # weighted loss sum, its normalizer
+        for batch in batches:
+            labels, counted = block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"],
+                                           batch["anchor_valid"], B)
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss, batch_stats = self._forward(batch, labels, counted)
+            weight = torch.as_tensor(normalizer(counted, c.kind, c.decay_gamma), dtype=torch.float32)
+            sums += torch.stack([loss.float(), weight.to(d.device)])
+            stats = stats + batch_stats
+        reduced = d.all_reduce_sum(torch.cat([sums, stats]))
+        return {"loss": (reduced[0] / reduced[1].clamp(min=1e-6)).item(), **summarize(reduced[2:].cpu(), B)}
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -168,13 +185,14 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     latest = checkpoint.latest_checkpoint(ckpt_root)
     if latest is not None and not resume:
         raise SystemExit(f"{ckpt_root} holds checkpoints; pass --resume to continue, or choose another output_dir")
-    meta, paths = data.read_dump_dirs(cfg.data.dump_dirs)
+    meta, all_paths = data.read_dump_dirs(cfg.data.dump_dirs)
+    paths, heldout_paths = data.split_heldout(all_paths, cfg.data.heldout_records)
     dcfg = draft_config(cfg, meta)
     if d.is_main:
         log.info("resolved configuration:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         log.info("draft: %s", json.dumps(dcfg.to_dict()))
-        log.info("data: %d records from %s; target layers %s, final state %s", len(paths), cfg.data.dump_dirs,
-                 meta["target_layer_ids"], meta["final_state"])
+        log.info("data: %d records from %s (%d held out); target layers %s, final state %s", len(paths),
+                 cfg.data.dump_dirs, len(heldout_paths), meta["target_layer_ids"], meta["final_state"])
         out.mkdir(parents=True, exist_ok=True)
     # The frozen target head in bf16 on GPU (the vocabulary matrices are the biggest tensors we hold).
     head = TargetHead.from_pretrained(cfg.target_model, dtype=torch.bfloat16 if uses_bf16(cfg, d) else torch.float32)
@@ -193,6 +211,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
         log.info("resumed from %s at step %d", latest, step)
     dataset = data.DumpDataset(paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
                                with_final=cfg.loss.kd_weight > 0)
+    heldout = data.DumpDataset(heldout_paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
+                               with_final=cfg.loss.kd_weight > 0)
+    heldout_micro = (data.heldout_micro_batches(len(heldout_paths), d.world_size, d.rank, cfg.data.micro_batch_size)
+                     if heldout_paths else [])
     metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None
     if d.is_main:
         log.info("%d steps (%d per epoch, global batch %d)", total, plan.steps_per_epoch, plan.global_batch)
@@ -221,6 +243,11 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
                     trainer_state = {"step": step, "data_position": position, "config": to_dict(cfg)}
                     checkpoint.save_checkpoint(ckpt_root, step, trainer.model, trainer.optimizer, d, trainer_state,
                                                dcfg.to_json_string(), cfg.keep_checkpoints)
+                    if heldout_micro:
+                        scored = trainer.evaluate(list(data.loader(heldout, heldout_micro, cfg.data.num_workers,
+                                                                   d.device.type == "cuda")))
+                        if metrics is not None:
+                            metrics.write_heldout({"step": step, "epoch": epoch, **scored})
     finally:
         if metrics is not None:
             metrics.close()

@@ -1,4 +1,5 @@
-"""Step metrics to stdout (one log line), OUTPUT/metrics.jsonl and TensorBoard (when the package is installed).
+"""Step metrics to stdout (one log line), OUTPUT/metrics.jsonl and TensorBoard (when the package is installed);
+held-out scores (data.heldout_records) to OUTPUT/heldout.jsonl, stdout and TensorBoard's heldout/ group.
 
 After a resume, steps between the checkpoint and the kill are logged again; readers keep the last row per step.
 """
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 class MetricsLog:
     def __init__(self, output_dir: Path, tensorboard: bool):
         self.jsonl = JsonlAppender(output_dir / "metrics.jsonl")
+        self.heldout_path, self.heldout = output_dir / "heldout.jsonl", None  # opened at the first held-out score
         self.tb = None
         if tensorboard:
             try:
@@ -36,7 +38,19 @@ class MetricsLog:
             for k, value in enumerate(row["acc_per_pos"], start=1):
                 self.tb.add_scalar(f"acc_per_pos/{k}", value, row["step"])
 
+    def write_heldout(self, row: dict) -> None:
+        if self.heldout is None:
+            self.heldout = JsonlAppender(self.heldout_path)
+        self.heldout.write(row)
+        log.info("held-out at step %d | loss %.4f | acc %.3f | tau %.2f", row["step"], row["loss"], row["acc"],
+                 row["tau"])
+        if self.tb is not None:
+            for key in ("loss", "acc", "tau"):
+                self.tb.add_scalar(f"heldout/{key}", row[key], row["step"])
+
     def close(self) -> None:
         self.jsonl.close()
+        if self.heldout is not None:
+            self.heldout.close()
         if self.tb is not None:
             self.tb.close()

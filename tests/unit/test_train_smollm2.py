@@ -1,4 +1,5 @@
-"""Training on a real (small) SmolLM2 dump: the target head, learning, DDP/FSDP2 equivalence, kill and resume."""
+"""Training on a real (small) SmolLM2 dump: the target head, learning, held-out scoring, DDP/FSDP2 equivalence, kill
+and resume."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ from dflashkit.config import from_dict
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.model import TargetHead
 from dflashkit.prepare import model_dir
+from dflashkit.train import data
 from dflashkit.train.config import TrainConfig
-from dflashkit.train.loop import train
+from dflashkit.train.distributed import Dist
+from dflashkit.train.loop import Trainer, draft_config, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,6 +86,41 @@ def test_training_lowers_loss_and_raises_accuracy(smollm2_dump, tmp_path):  # no
     assert mean(last, "tau") > mean(first, "tau")
     assert len(rows[30]["acc_per_pos"]) == 3
     assert (tmp_path / "checkpoints" / "step-00000030" / "config.json").exists()
+
+
+def test_heldout_records_are_kept_out_of_training_and_scored_at_checkpoints(smollm2_dump, tmp_path):  # noqa: F811
+    all_paths = list_dump_records(smollm2_dump)
+    train_paths, heldout_paths = data.split_heldout(all_paths, 2)
+    assert len(heldout_paths) == 2 and sorted(train_paths + heldout_paths) == sorted(all_paths)
+    assert data.split_heldout(all_paths, 2) == (train_paths, heldout_paths)  # the same text for every run
+    with pytest.raises(ValueError, match="leaves none"):
+        data.split_heldout(all_paths, 8)
+
+    assert train(recipe(smollm2_dump, tmp_path, data__heldout_records=2, checkpoint_every=5), resume=False) == 0
+    # 6 training records, micro-batch 4: one step per epoch, 15 epochs; a score at every checkpoint.
+    assert sorted(metrics(tmp_path)) == list(range(1, 16))
+    state = json.loads((tmp_path / "checkpoints" / "step-00000015" / "trainer_state.json").read_text())
+    assert state["data_position"]["num_records"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15]
+    assert all(r["tau"] >= 1 and len(r["acc_per_pos"]) == 3 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]  # the draft learns the target's features, not just these 6 texts
+
+
+def test_heldout_score_is_the_training_steps_loss_without_the_update(smollm2_dump):  # noqa: F811
+    """evaluate() computes what step() reports (the loss and stats of the weights before the update), and changes
+    no weight."""
+    cfg = recipe(smollm2_dump, Path("unused"))
+    meta, paths = data.read_dump_dirs([str(smollm2_dump)])
+    trainer = Trainer(cfg, Dist(), meta["final_state"], draft_config(cfg, meta), TargetHead.from_pretrained(model_dir()))
+    dataset = data.DumpDataset(paths, meta, 4096, 8, 0, with_final=False)
+    batches = [data.collate([dataset[(i, 0)] for i in range(j, j + 4)]) for j in (0, 4)]
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    scored = trainer.evaluate(batches)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    stepped = trainer.step(batches, lr=1e-3)
+    assert scored["loss"] == pytest.approx(stepped["loss"], rel=1e-6)
+    assert scored["tau"] == stepped["tau"] and scored["acc_per_pos"] == stepped["acc_per_pos"]
 
 
 def _free_port() -> int:
