@@ -5,9 +5,10 @@
 #
 #   W=/tmp/q GGUF=/tmp/q/smollm2.gguf TOK=DIR PROMPTS=prompts.jsonl N=16000 GPUS="0" bash bench/quality_run.sh
 #
-# GPUS: the cards to spread generation and dump over (training and eval use the first). STAGES picks stages
-# (default: "gen dump train eval"); TRAIN_ARGS adds dotted overrides; EVAL_ARGS adds eval flags. Timings go to
-# $W/timings.txt, the eval report to $W/eval/report.json.
+# GPUS: the cards to spread generation, dump and eval over; training runs data-parallel (torchrun) on all of them.
+# STAGES picks stages (default: "gen dump train eval"); TRAIN_ARGS adds dotted overrides; EVAL_ARGS adds eval flags.
+# The eval runs one process per card on a slice of MT-Bench (plus one on the held-out prompts) and merges them into
+# $W/eval/merged.json (bench/merge_eval_reports.py). Timings go to $W/timings.txt.
 set -euo pipefail
 : "${W:?}" "${GGUF:?}" "${TOK:?}" "${PROMPTS:?}" "${N:?}"
 GPUS=${GPUS:-0}; STAGES=${STAGES:-gen dump train eval}; DUMPS_PER_GPU=${DUMPS_PER_GPU:-4}
@@ -52,8 +53,9 @@ fi
 
 if [[ " $STAGES " == *" train "* ]]; then
     stamp train-start
-    on_gpu "${gpus[0]}" python train_dflash.py --config configs/train/smollm2-quality.yaml target_model="$W/smollm2" \
-        output_dir="$W/train" "data.dump_dirs=[$W/dump]" "${train_args[@]}" > "$W/train.log" 2>&1
+    on_gpu "$(IFS=,; echo "${gpus[*]}")" python -m torch.distributed.run --standalone --nproc-per-node "${#gpus[@]}" \
+        train_dflash.py --config configs/train/smollm2-quality.yaml target_model="$W/smollm2" output_dir="$W/train" \
+        "data.dump_dirs=[$W/dump]" "${train_args[@]}" > "$W/train.log" 2>&1
     stamp train-end
 fi
 
@@ -61,9 +63,18 @@ if [[ " $STAGES " == *" eval "* ]]; then
     stamp eval-start
     python -m dflashkit.cli export --checkpoint "$W/train" --target "$W/smollm2" --out "$W/draft" --overwrite \
         > "$W/export.log" 2>&1
-    on_gpu "${gpus[0]}" python -m dflashkit.cli eval --draft "$W/draft" --target "$W/smollm2" --out "$W/eval" \
-        --mtbench "$(dirname "$PROMPTS")/mtbench.jsonl" --heldout "$PROMPTS" --heldout-skip "$N" \
-        --max-new-tokens 256 --dtype float32 --train-log "$W/train/metrics.jsonl" "${eval_args[@]}" \
-        > "$W/eval.log" 2>&1
+    evaluate() {  # evaluate NAME GPU FLAGS...: one eval process in the background
+        on_gpu "$2" python -m dflashkit.cli eval --draft "$W/draft" --target "$W/smollm2" --out "$W/eval/$1" \
+            --max-new-tokens 256 --dtype float32 --skip-lossless "${@:3}" "${eval_args[@]}" > "$W/eval-$1.log" 2>&1 &
+        pids+=($!)
+    }
+    pids=(); n=${#gpus[@]}
+    for i in "${!gpus[@]}"; do  # MT-Bench line k goes to card k mod n: every slice has every category
+        awk -v n="$n" -v i="$i" '(NR - 1) % n == i' "$(dirname "$PROMPTS")/mtbench.jsonl" > "$W/mtbench-$i.jsonl"
+        evaluate "mtbench-$i" "${gpus[$i]}" --mtbench "$W/mtbench-$i.jsonl"
+    done
+    evaluate heldout "${gpus[0]}" --heldout "$PROMPTS" --heldout-skip "$N" --train-log "$W/train/metrics.jsonl"
+    run_all "${pids[@]}"
+    python bench/merge_eval_reports.py "$W/eval/merged.json" "$W"/eval/*/report.json | tee "$W/eval/merged.txt"
     stamp eval-end
 fi
