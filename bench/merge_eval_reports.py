@@ -24,7 +24,10 @@ def merge(reports: list[dict]) -> dict:
 
 
 def main(out: str, *paths: str) -> None:
-    reports = [json.load(open(p, encoding="utf-8")) for p in paths]
+    reports = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            reports.append(json.load(f))
     merged = merge(reports)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(merged, f, indent=1)

@@ -147,7 +147,6 @@ class Trainer:
         return {"loss": (reduced[0] / total_weight).item(), "grad_norm": float(grad_norm),
                 **summarize(reduced[1:].cpu(), B)}
 
-
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
         """The step's loss and acceptance figures on held-out batches: no gradient, no update; summed over ranks."""
