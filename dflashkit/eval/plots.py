@@ -15,7 +15,9 @@ def training_curve(metrics_jsonl: str | Path) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
-def write_plots(report: dict, out_dir: str | Path, training_rows: list[dict] | None = None) -> list[Path]:
+def write_plots(report: dict, out_dir: str | Path, training_rows: list[dict] | None = None,
+                heldout_rows: list[dict] | None = None) -> list[Path]:
+    """`heldout_rows`: the trainer's heldout.jsonl (data.heldout_records), drawn as points over the training curve."""
     try:
         import matplotlib
 
@@ -56,10 +58,16 @@ def write_plots(report: dict, out_dir: str | Path, training_rows: list[dict] | N
         ax.plot(steps, [r["loss"] for r in training_rows], color="tab:blue")
         ax.set(xlabel="step", ylabel="loss (log scale)", yscale="log", title="Training")
         ax.yaxis.label.set_color("tab:blue")
+        held = heldout_rows or []
+        if held:
+            ax.plot([r["step"] for r in held], [r["loss"] for r in held], "o--", color="tab:blue", label="held-out")
+            ax.legend(loc="upper center")
         if "tau" in training_rows[0]:
             twin = ax.twinx()
             twin.plot(steps, [r["tau"] for r in training_rows], color="tab:orange", alpha=0.7)
-            twin.set_ylabel("simulated tau (per step)", color="tab:orange")
+            twin.set_ylabel("simulated tau (per step; points: held-out)", color="tab:orange")
+            if held:
+                twin.plot([r["step"] for r in held], [r["tau"] for r in held], "s--", color="tab:orange")
         written.append(_save(fig, out_dir / "training_loss.png"))
     return written
 

@@ -183,7 +183,9 @@ def evaluate(args: argparse.Namespace) -> int:
     from dflashkit.eval.plots import training_curve, write_plots
 
     rows = training_curve(args.train_log) if args.train_log else None
-    write_plots(report, out / "plots", rows)
+    heldout_log = Path(args.train_log).with_name("heldout.jsonl") if args.train_log else None
+    heldout = training_curve(heldout_log) if heldout_log and heldout_log.exists() else None
+    write_plots(report, out / "plots", rows, heldout)
     log.info("%s", headline(report))
     print(headline(report))
     lossless = report.get("lossless")
@@ -231,7 +233,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vllm", action="store_true", help="also measure through a vLLM server started with the draft")
     p.add_argument("--vllm-extra-args", default="", help="extra vLLM server flags, one string (shell word rules)")
     p.add_argument("--vllm-startup-timeout", type=float, default=900)
-    p.add_argument("--train-log", help="the trainer's metrics.jsonl, for the loss curve plot")
+    p.add_argument("--train-log", help="the trainer's metrics.jsonl, for the loss curve plot (with heldout.jsonl "
+                   "beside it, the held-out scores too)")
     return p
 
 

@@ -56,3 +56,7 @@ def test_plots(tmp_path):
     written = write_plots(report, tmp_path / "plots", rows)
     assert [p.name for p in written] == ["per_position_acceptance.png", "tau_by_category.png", "training_loss.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+    plain_curve = written[-1].read_bytes()
+    held = [{"step": 1, "loss": 6.0, "tau": 1.0}, {"step": 2, "loss": 5.5, "tau": 1.1}]  # heldout.jsonl rows
+    with_heldout = write_plots(report, tmp_path / "plots", rows, held)[-1].read_bytes()
+    assert with_heldout[:4] == b"\x89PNG" and with_heldout != plain_curve  # the held-out points are drawn
