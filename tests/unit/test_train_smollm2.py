@@ -137,8 +137,10 @@ def _two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
 
 def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_path):  # noqa: F811
     # KD and D-PACE on, so every loss path is compared. A large Adam eps keeps the first updates proportional to
-    # the gradients (with eps ~ 0 they are lr * sign(g), which flips on gradients that are float noise).
-    common = {"optim__max_steps": 2, "optim__eps": 1e-3, "loss__kd_weight": 0.5, "loss__kind": "dpace"}
+    # the gradients (with eps ~ 0 they are lr * sign(g), which flips on gradients that are float noise). Two records
+    # are held out: one rank scores both, or each of two ranks scores one; the sums must agree.
+    common = {"optim__max_steps": 2, "optim__eps": 1e-3, "loss__kd_weight": 0.5, "loss__kind": "dpace",
+              "data__heldout_records": 2}
     assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
     for mode in ("ddp", "fsdp"):
         two = recipe(smollm2_dump, tmp_path / mode, data__micro_batch_size=2, parallel=mode, **common)
@@ -147,6 +149,11 @@ def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_pa
             a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), mode
             assert a["tau"] == pytest.approx(b["tau"]) and a["tokens"] == b["tokens"]
+        held_one, held_two = ([json.loads(line) for line in (tmp_path / run / "heldout.jsonl").read_text().splitlines()]
+                              for run in ("one", mode))
+        assert [r["step"] for r in held_one] == [r["step"] for r in held_two] == [2]
+        assert held_one[0]["loss"] == pytest.approx(held_two[0]["loss"], rel=1e-5), mode
+        assert held_one[0]["tau"] == pytest.approx(held_two[0]["tau"]), mode
         wa, wb = weights(tmp_path / "one"), weights(tmp_path / mode)
         assert wa.keys() == wb.keys()
         for name in wa:
