@@ -88,9 +88,23 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=cuda)
 
+    def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, counted) of the batch as it arrived, on the CPU: the rows that reach the lm_head are then known
+        without waiting for the GPU."""
+        return block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"], batch["anchor_valid"],
+                            self.dcfg.block_size)
+
+    def _weight(self, counted: torch.Tensor) -> float:
+        """The batch's share of the loss normalizer."""
+        return normalizer(counted, self.cfg.loss.kind, self.cfg.loss.decay_gamma)
+
+    def _loss(self, batch: dict, labels: torch.Tensor, counted: torch.Tensor):
+        """(summed weighted loss, summed acceptance stats) of one micro-batch, used by `step` and `evaluate`."""
+        with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self._forward(batch, labels, counted)
+
     def _forward(self, batch: dict, labels: torch.Tensor, counted: torch.Tensor):
-        """`labels`/`counted` come from the batch as it arrived (block_labels on the CPU), so the rows that reach
-        the lm_head are known without waiting for the GPU. Every copy is asynchronous: no host sync in the step."""
+        # Every copy is asynchronous: no host sync in the step.
         dev, B, c = self.d.device, self.dcfg.block_size, self.cfg.loss
         ids, anchors = batch["input_ids"].to(dev, non_blocking=True), batch["anchors"].to(dev, non_blocking=True)
         aux = batch["aux_hidden_states"].to(dev, non_blocking=True)
@@ -121,10 +135,9 @@ class Trainer:
         return contextlib.nullcontext()
 
     def step(self, batches: list[dict], lr: float) -> dict:
-        c, d = self.cfg.loss, self.d
-        B = self.dcfg.block_size
-        targets = [block_labels(b["input_ids"], b["loss_mask"], b["anchors"], b["anchor_valid"], B) for b in batches]
-        local = sum(normalizer(counted, c.kind, c.decay_gamma) for _, counted in targets)
+        d = self.d
+        targets = [self._targets(b) for b in batches]
+        local = sum(self._weight(counted) for _, counted in targets)
         local = torch.as_tensor(local, dtype=torch.float32).to(d.device, non_blocking=True)
         total_weight = d.all_reduce_sum(local).clamp(min=1e-6)
         for group in self.optimizer.param_groups:
@@ -132,8 +145,7 @@ class Trainer:
         loss_sum, stats = torch.zeros((), device=d.device), 0
         for i, (batch, (labels, counted)) in enumerate(zip(batches, targets)):
             with self._sync_grads(i == len(batches) - 1):
-                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss, batch_stats = self._forward(batch, labels, counted)
+                loss, batch_stats = self._loss(batch, labels, counted)
                 # DDP and FSDP average gradients over ranks; undo that, the normalizer is already global.
                 (loss * d.world_size / total_weight).backward()
             loss_sum += loss.detach()
@@ -145,23 +157,22 @@ class Trainer:
         reduced = d.all_reduce_sum(torch.cat([loss_sum.view(1), stats]))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         return {"loss": (reduced[0] / total_weight).item(), "grad_norm": float(grad_norm),
-                **summarize(reduced[1:].cpu(), B)}
+                **summarize(reduced[1:].cpu(), self.dcfg.block_size)}
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
         """The step's loss and acceptance figures on held-out batches: no gradient, no update; summed over ranks."""
-        c, d, B = self.cfg.loss, self.d, self.dcfg.block_size
+        d = self.d
         sums, stats = torch.zeros(2, device=d.device), 0  # weighted loss sum, its normalizer
         for batch in batches:
-            labels, counted = block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"],
-                                           batch["anchor_valid"], B)
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss, batch_stats = self._forward(batch, labels, counted)
-            weight = torch.as_tensor(normalizer(counted, c.kind, c.decay_gamma), dtype=torch.float32)
+            labels, counted = self._targets(batch)
+            loss, batch_stats = self._loss(batch, labels, counted)
+            weight = torch.as_tensor(self._weight(counted), dtype=torch.float32)
             sums += torch.stack([loss.float(), weight.to(d.device)])
             stats = stats + batch_stats
         reduced = d.all_reduce_sum(torch.cat([sums, stats]))
-        return {"loss": (reduced[0] / reduced[1].clamp(min=1e-6)).item(), **summarize(reduced[2:].cpu(), B)}
+        return {"loss": (reduced[0] / reduced[1].clamp(min=1e-6)).item(),
+                **summarize(reduced[2:].cpu(), self.dcfg.block_size)}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -210,10 +221,12 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
         log.info("resumed from %s at step %d", latest, step)
     dataset = data.DumpDataset(paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
                                with_final=cfg.loss.kd_weight > 0)
-    heldout = data.DumpDataset(heldout_paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
-                               with_final=cfg.loss.kd_weight > 0)
-    heldout_micro = (data.heldout_micro_batches(len(heldout_paths), d.world_size, d.rank, cfg.data.micro_batch_size)
-                     if heldout_paths else [])
+    heldout, heldout_micro = None, []
+    if heldout_paths:
+        heldout = data.DumpDataset(heldout_paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
+                                   with_final=cfg.loss.kd_weight > 0)
+        heldout_micro = data.heldout_micro_batches(len(heldout_paths), d.world_size, d.rank,
+                                                   cfg.data.micro_batch_size)
     metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None
     if d.is_main:
         log.info("%d steps (%d per epoch, global batch %d)", total, plan.steps_per_epoch, plan.global_batch)
