@@ -8,6 +8,7 @@ from conftest_train import tiny_config
 from dflashkit.eval.spec import SpeculativeDecoder, acceptance_stats, speculative_step
 from dflashkit.eval.vllm_metrics import parse_spec_counters
 from dflashkit.model import DFlashDraft
+from dflashkit.model.masks import block_inputs, training_mask
 
 PROMPT = [5, 17, 42, 9, 63, 2, 88, 31]
 
@@ -105,6 +106,43 @@ def test_lossless_with_a_real_draft(tiny_target):
     assert SpeculativeDecoder(tiny_target, decoder.draft, block_size=2).generate(PROMPT, 24).output_ids == reference
     sampled = decoder.generate(PROMPT, 24, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert len(sampled.output_ids) == 24 and all(0 <= a <= 3 for a in sampled.accepted)
+
+
+class RecordingDecoder(SpeculativeDecoder):
+    """Keeps what the loop drafted at each step: (anchor position, draft logits)."""
+
+    def __init__(self, target, draft):
+        super().__init__(target, draft)
+        self.drafted: list[tuple[int, torch.Tensor]] = []
+
+    def _draft(self, context, anchor):
+        logits = super()._draft(context, anchor)
+        self.drafted.append((context.shape[0], logits))
+        return logits
+
+
+def test_training_pass_drafts_what_the_loop_drafts(tiny_target):
+    """Train/inference parity: the training forward (hidden states of the finished sequence from one target pass, as
+    the dump stores them; every step's block in one multi-block pass under the training mask) gives the draft logits
+    the loop computed step by step from its KV-cached, cut-back target. A mismatch here would train the draft on a
+    task it never faces when served."""
+    torch.manual_seed(5)
+    draft = DFlashDraft(tiny_config())
+    decoder = RecordingDecoder(tiny_target, draft)
+    g = decoder.generate(PROMPT, 30)
+    ids = torch.tensor(g.prompt_ids + g.output_ids)[None]
+    with torch.no_grad():
+        states = tiny_target(input_ids=ids, output_hidden_states=True).hidden_states
+        features = torch.cat([states[i] for i in decoder.layer_index], dim=-1)
+        anchors = torch.tensor([[position for position, _ in decoder.drafted]])
+        block_ids, block_pos = block_inputs(ids, anchors, draft.config.block_size, draft.config.mask_token_id)
+        mask = training_mask(anchors, ids.shape[1], draft.config.block_size, "sdpa")
+        hidden = draft(features, decoder.embed(block_ids), torch.arange(ids.shape[1])[None], block_pos, mask)
+        logits = (hidden @ decoder.lm_head.T).view(len(decoder.drafted), draft.config.block_size, -1)[:, 1:]
+    assert len(decoder.drafted) == g.steps > 10
+    for (position, loop_logits), train_logits in zip(decoder.drafted, logits):
+        assert ids[0, position] == g.output_ids[position - len(PROMPT)]  # the anchor is the token at its position
+        torch.testing.assert_close(train_logits, loop_logits, atol=2e-4, rtol=1e-4)
 
 
 def test_parse_vllm_spec_counters():
