@@ -2,7 +2,7 @@
 # Several training recipes side by side on one dump, one GPU each, scored on the same held-out records and MT-Bench
 # prompts (issue 6: which lever moves tau). Run bench/quality_run.sh with STAGES="gen dump" first, then:
 #
-#   W=/tmp/q GPUS="0 1 2 3" VARIANTS="base;kd loss.kd_weight=1.0;deep model.num_layers=5" bash bench/train_variants.sh
+#   W=/tmp/q PROMPTS=prompts.jsonl GPUS="0 1 2" VARIANTS="ce loss.kd_weight=0;kd;deep model.num_layers=5" bash bench/train_variants.sh
 #
 # VARIANTS: ";"-separated "NAME [dotted overrides...]", one per card in GPUS (same count). COMMON adds overrides to all
 # of them. Each trains configs/train/smollm2-quality.yaml into $W/variants/NAME, is exported to NAME/draft and
