@@ -7,11 +7,13 @@
 #
 # GPUS: the cards to spread generation, dump and eval over; training runs data-parallel (torchrun) on all of them.
 # STAGES picks stages (default: "gen dump train eval"); TRAIN_ARGS adds dotted overrides; EVAL_ARGS adds eval flags.
+# RUN (default $W) is the folder of this run's training, draft, eval and timings; the answers, the dump and the
+# converted model stay in $W, so several runs can train on one dump (bench/train_variants.sh).
 # The eval runs one process per card on a slice of MT-Bench (plus one on the held-out prompts) and merges them into
 # $W/eval/merged.json (bench/merge_eval_reports.py). Timings go to $W/timings.txt.
 set -euo pipefail
 : "${W:?}" "${GGUF:?}" "${TOK:?}" "${PROMPTS:?}" "${N:?}"
-GPUS=${GPUS:-0}; STAGES=${STAGES:-gen dump train eval}; DUMPS_PER_GPU=${DUMPS_PER_GPU:-4}
+GPUS=${GPUS:-0}; STAGES=${STAGES:-gen dump train eval}; DUMPS_PER_GPU=${DUMPS_PER_GPU:-4}; RUN=${RUN:-$W}
 read -r -a gpus <<<"$GPUS"
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 read -r -a eval_args <<<"${EVAL_ARGS:-}"
@@ -19,8 +21,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Fail in the first second, not after the machine's warm-up: the GGUF conversion needs the gguf package, which GPU
 # images often lack (carry its wheel and put it on PYTHONPATH).
 python -c 'import gguf' 2> /dev/null || { echo "quality_run: python has no gguf package (pip install gguf)" >&2; exit 2; }
-mkdir -p "$W"
-stamp() { echo "$(date +%s) $*" | tee -a "$W/timings.txt"; }
+mkdir -p "$W" "$RUN"
+stamp() { echo "$(date +%s) $*" | tee -a "$RUN/timings.txt"; }
 on_gpu() { local g=$1; shift; CUDA_VISIBLE_DEVICES=$g "$@"; }
 run_all() {  # wait for every background job; fail if any failed
     local rc=0 pid; for pid in "$@"; do wait "$pid" || rc=1; done; return $rc
@@ -54,27 +56,27 @@ fi
 if [[ " $STAGES " == *" train "* ]]; then
     stamp train-start
     on_gpu "$(IFS=,; echo "${gpus[*]}")" python -m torch.distributed.run --standalone --nproc-per-node "${#gpus[@]}" \
-        train_dflash.py --config configs/train/smollm2-quality.yaml target_model="$W/smollm2" output_dir="$W/train" \
-        "data.dump_dirs=[$W/dump]" "${train_args[@]}" > "$W/train.log" 2>&1
+        train_dflash.py --config configs/train/smollm2-quality.yaml target_model="$W/smollm2" output_dir="$RUN/train" \
+        "data.dump_dirs=[$W/dump]" "${train_args[@]}" > "$RUN/train.log" 2>&1
     stamp train-end
 fi
 
 if [[ " $STAGES " == *" eval "* ]]; then
     stamp eval-start
-    python -m dflashkit.cli export --checkpoint "$W/train" --target "$W/smollm2" --out "$W/draft" --overwrite \
-        > "$W/export.log" 2>&1
+    python -m dflashkit.cli export --checkpoint "$RUN/train" --target "$W/smollm2" --out "$RUN/draft" --overwrite \
+        > "$RUN/export.log" 2>&1
     evaluate() {  # evaluate NAME GPU FLAGS...: one eval process in the background
-        on_gpu "$2" python -m dflashkit.cli eval --draft "$W/draft" --target "$W/smollm2" --out "$W/eval/$1" \
-            --max-new-tokens 256 --dtype float32 --skip-lossless "${@:3}" "${eval_args[@]}" > "$W/eval-$1.log" 2>&1 &
+        on_gpu "$2" python -m dflashkit.cli eval --draft "$RUN/draft" --target "$W/smollm2" --out "$RUN/eval/$1" \
+            --max-new-tokens 256 --dtype float32 --skip-lossless "${@:3}" "${eval_args[@]}" > "$RUN/eval-$1.log" 2>&1 &
         pids+=($!)
     }
     pids=(); n=${#gpus[@]}
     for i in "${!gpus[@]}"; do  # MT-Bench line k goes to card k mod n: every slice has every category
-        awk -v n="$n" -v i="$i" '(NR - 1) % n == i' "$(dirname "$PROMPTS")/mtbench.jsonl" > "$W/mtbench-$i.jsonl"
-        evaluate "mtbench-$i" "${gpus[$i]}" --mtbench "$W/mtbench-$i.jsonl"
+        awk -v n="$n" -v i="$i" '(NR - 1) % n == i' "$(dirname "$PROMPTS")/mtbench.jsonl" > "$RUN/mtbench-$i.jsonl"
+        evaluate "mtbench-$i" "${gpus[$i]}" --mtbench "$RUN/mtbench-$i.jsonl"
     done
-    evaluate heldout "${gpus[0]}" --heldout "$PROMPTS" --heldout-skip "$N" --train-log "$W/train/metrics.jsonl"
+    evaluate heldout "${gpus[0]}" --heldout "$PROMPTS" --heldout-skip "$N" --train-log "$RUN/train/metrics.jsonl"
     run_all "${pids[@]}"
-    python bench/merge_eval_reports.py "$W/eval/merged.json" "$W"/eval/*/report.json | tee "$W/eval/merged.txt"
+    python bench/merge_eval_reports.py "$RUN/eval/merged.json" "$RUN"/eval/*/report.json | tee "$RUN/eval/merged.txt"
     stamp eval-end
 fi
