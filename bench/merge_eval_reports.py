@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 
+from dflashkit.eval.prompts import HELDOUT_CATEGORY
 from dflashkit.eval.spec import acceptance_stats
 
 
@@ -19,7 +20,7 @@ def merge(reports: list[dict]) -> dict:
     for report in reports:
         for category, stats in report["ours"]["by_category"].items():
             steps.setdefault(category, []).extend(a for a, n in enumerate(stats["histogram"]) for _ in range(n))
-    mtbench = [a for category, acc in steps.items() if category != "heldout" for a in acc]
+    mtbench = [a for category, acc in steps.items() if category != HELDOUT_CATEGORY for a in acc]
     return {"reports": len(reports), "num_drafted": num_drafted, "overall": acceptance_stats(mtbench, num_drafted),
             "by_category": {c: acceptance_stats(acc, num_drafted) for c, acc in sorted(steps.items())}}
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from dflashkit.formats import BadRecord, normalize_conversation
 from dflashkit.io import iter_jsonl
 
+HELDOUT_CATEGORY = "heldout"  # the category of the held-out training prompts in reports
+
 
 @dataclasses.dataclass
 class EvalPrompt:

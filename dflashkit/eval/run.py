@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dflashkit.eval.prompts import EvalPrompt, load_prompts
+from dflashkit.eval.prompts import HELDOUT_CATEGORY, EvalPrompt, load_prompts
 from dflashkit.eval.spec import Generation, SpeculativeDecoder, acceptance_stats
 from dflashkit.eval.vllm_metrics import SpecCounters, VllmClient
 from dflashkit.io import JsonlAppender, atomic_write_json
@@ -128,7 +128,7 @@ def evaluate(args: argparse.Namespace) -> int:
         prompts += load_prompts(args.mtbench, tokenizer, per_category=args.per_category, limit=args.limit,
                                 chat_template=template, template_kwargs=kwargs)
     if args.heldout:
-        prompts += load_prompts(args.heldout, tokenizer, category="heldout", skip=args.heldout_skip,
+        prompts += load_prompts(args.heldout, tokenizer, category=HELDOUT_CATEGORY, skip=args.heldout_skip,
                                 limit=args.heldout_count, chat_template=template, template_kwargs=kwargs)
     if not prompts:
         raise ValueError("no prompts: pass --mtbench and/or --heldout")
