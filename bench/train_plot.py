@@ -1,4 +1,4 @@
-"""Plot a training run's metrics.jsonl: loss, mean top-1 accuracy and simulated tau per step, and accuracy by slot.
+"""Plot a training run's metrics.jsonl: loss, mean top-1 accuracy and anchor-mean tau per step, and accuracy by slot.
 
     python bench/train_plot.py RUN/train/metrics.jsonl docs/training_smollm2.png --title "..."
 
@@ -39,7 +39,7 @@ def main() -> None:
     axes[0].plot(steps, smooth("loss"))
     axes[0].set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
     axes[1].plot(steps, smooth("acc"), label="top-1 accuracy (all slots)")
-    axes[1].plot(steps, smooth("tau"), label="simulated tau")
+    axes[1].plot(steps, smooth("tau_anchor_mean"), label="tau, mean over anchors")
     axes[1].set(xlabel="step", title="accuracy and acceptance length")
     axes[1].legend()
     for frac in (0.1, 0.5, 1.0):

@@ -62,10 +62,10 @@ def write_plots(report: dict, out_dir: str | Path, training_rows: list[dict] | N
         if held:
             ax.plot([r["step"] for r in held], [r["loss"] for r in held], "o--", color="tab:blue", label="held-out")
             ax.legend(loc="upper center")
-        if "tau" in training_rows[0]:
+        if "tau_anchor_mean" in training_rows[0]:
             twin = ax.twinx()
-            twin.plot(steps, [r["tau"] for r in training_rows], color="tab:orange", alpha=0.7)
-            twin.set_ylabel("simulated tau (per step; points: held-out)", color="tab:orange")
+            twin.plot(steps, [r["tau_anchor_mean"] for r in training_rows], color="tab:orange", alpha=0.7)
+            twin.set_ylabel("tau: anchor mean (line), served, held-out (points)", color="tab:orange")
             if held:
                 twin.plot([r["step"] for r in held], [r["tau"] for r in held], "s--", color="tab:orange")
         written.append(_save(fig, out_dir / "training_loss.png"))

@@ -33,13 +33,16 @@ class DataSpec:
     micro_batch_size: int = 1
     num_workers: int = 2
     # Records kept out of training (a fixed pseudo-random choice, the same for every seed) and scored at every
-    # checkpoint: loss, accuracy and simulated tau on text the draft never saw, which is what serving will see.
+    # checkpoint on text the draft never saw: loss, accuracy and the served tau (every anchor of the first
+    # `heldout_anchors` answer positions per record, walked as served decoding steps through them).
     heldout_records: int = 0
+    heldout_anchors: int = 512
 
     def validate(self) -> None:
         if not self.dump_dirs:
             raise ValueError("data.dump_dirs is empty")
-        if min(self.max_seq_len, self.num_anchors, self.micro_batch_size) < 1 or self.num_workers < 0:
+        if min(self.max_seq_len, self.num_anchors, self.micro_batch_size, self.heldout_anchors) < 1 \
+                or self.num_workers < 0:
             raise ValueError("data sizes must be positive")
         if self.heldout_records < 0:
             raise ValueError("data.heldout_records must be >= 0")

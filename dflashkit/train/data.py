@@ -87,14 +87,25 @@ def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.G
     return anchors, valid
 
 
+def first_anchors(loss_mask: torch.Tensor, num_anchors: int):
+    """The first `num_anchors` eligible positions in order (and which are real): every anchor of the answers'
+    beginnings, so a pass over them can follow the steps served decoding takes (`loss.served_walk`)."""
+    eligible = torch.nonzero(loss_mask[:-1].bool(), as_tuple=False).flatten()[:num_anchors]
+    anchors = torch.zeros(num_anchors, dtype=torch.long)
+    anchors[: eligible.numel()] = eligible
+    return anchors, torch.arange(num_anchors) < eligible.numel()
+
+
 class DumpDataset(torch.utils.data.Dataset):
-    """Items are addressed by (record index, epoch): the epoch seeds the anchors."""
+    """Items are addressed by (record index, epoch): the epoch seeds the anchors. `every_anchor`: the first
+    `num_anchors` eligible positions instead of a random draw (the held-out score)."""
 
     def __init__(self, paths: list[Path], meta: dict, max_seq_len: int, num_anchors: int, seed: int,
-                 with_final: bool):
+                 with_final: bool, every_anchor: bool = False):
         self.paths, self.meta = paths, meta
         self.max_seq_len, self.num_anchors, self.seed = max_seq_len, num_anchors, seed
         self.with_final = with_final  # the final state is read only for KD
+        self.every_anchor = every_anchor
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -104,7 +115,8 @@ class DumpDataset(torch.utils.data.Dataset):
         rec = load_dump_record(self.paths[index], self.meta)
         t = min(rec["input_ids"].shape[0], self.max_seq_len)
         loss_mask = rec["loss_mask"][:t].to(torch.uint8)
-        anchors, valid = sample_anchors(loss_mask, self.num_anchors, anchor_generator(self.seed, epoch, index))
+        anchors, valid = (first_anchors(loss_mask, self.num_anchors) if self.every_anchor else
+                          sample_anchors(loss_mask, self.num_anchors, anchor_generator(self.seed, epoch, index)))
         item = {"input_ids": rec["input_ids"][:t], "aux_hidden_states": rec["aux_hidden_states"][:t],
                 "loss_mask": loss_mask, "anchors": anchors, "anchor_valid": valid, "length": torch.tensor(t)}
         if self.with_final:

@@ -26,7 +26,7 @@ from dflashkit.model.masks import block_inputs, block_labels, training_mask
 from dflashkit.train import checkpoint, data
 from dflashkit.train.config import OptimSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
-from dflashkit.train.loss import block_loss, normalizer, summarize
+from dflashkit.train.loss import block_loss, normalizer, served_walk, summarize
 from dflashkit.train.metrics import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ class Trainer:
         loss_sum, stats = torch.zeros((), device=d.device), 0
         for i, (batch, (labels, counted)) in enumerate(zip(batches, targets)):
             with self._sync_grads(i == len(batches) - 1):
-                loss, batch_stats = self._loss(batch, labels, counted)
+                loss, batch_stats, _ = self._loss(batch, labels, counted)
                 # DDP and FSDP average gradients over ranks; undo that, the normalizer is already global.
                 (loss * d.world_size / total_weight).backward()
             loss_sum += loss.detach()
@@ -161,18 +161,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
-        """The step's loss and acceptance figures on held-out batches: no gradient, no update; summed over ranks."""
+        """The step's loss and acceptance figures on held-out batches: no gradient, no update; summed over ranks.
+        With every anchor of a stretch in the batches (`DumpDataset(every_anchor=True)`), `tau` is the served one."""
         d = self.d
-        sums, stats = torch.zeros(2, device=d.device), 0  # weighted loss sum, its normalizer
+        sums, stats = torch.zeros(4, device=d.device), 0  # weighted loss sum, its normalizer, served steps, tokens
         for batch in batches:
             labels, counted = self._targets(batch)
-            loss, batch_stats = self._loss(batch, labels, counted)
+            loss, batch_stats, accepted = self._loss(batch, labels, counted)
             weight = torch.as_tensor(self._weight(counted), dtype=torch.float32)
-            sums += torch.stack([loss.float(), weight.to(d.device)])
+            steps, tokens = served_walk(accepted.cpu(), batch["anchors"], batch["anchor_valid"])
+            walk = torch.tensor([steps, tokens], dtype=torch.float32)
+            sums += torch.cat([torch.stack([loss.float(), weight.to(d.device)]), walk.to(d.device)])
             stats = stats + batch_stats
         reduced = d.all_reduce_sum(torch.cat([sums, stats]))
         return {"loss": (reduced[0] / reduced[1].clamp(min=1e-6)).item(),
-                **summarize(reduced[2:].cpu(), self.dcfg.block_size)}
+                "tau": (reduced[3] / reduced[2].clamp(min=1)).item(),
+                **summarize(reduced[4:].cpu(), self.dcfg.block_size)}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -223,8 +227,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
                                with_final=cfg.loss.kd_weight > 0)
     heldout, heldout_micro = None, []
     if heldout_paths:
-        heldout = data.DumpDataset(heldout_paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
-                                   with_final=cfg.loss.kd_weight > 0)
+        heldout = data.DumpDataset(heldout_paths, meta, cfg.data.max_seq_len, cfg.data.heldout_anchors, cfg.seed,
+                                   with_final=cfg.loss.kd_weight > 0, every_anchor=True)
         heldout_micro = data.heldout_micro_batches(len(heldout_paths), d.world_size, d.rank,
                                                    cfg.data.micro_batch_size)
     metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None

@@ -145,7 +145,7 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
     if t is not None:
         kd = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[2]).view(b, n, bs)
         loss = loss + kd_weight * (weights * kd).sum()
-    return loss, acceptance_stats(correct, counted)
+    return loss, acceptance_stats(correct, counted), accepted_per_block(correct)
 
 
 def normalizer(counted: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
@@ -155,21 +155,42 @@ def normalizer(counted: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
     return counted.any(-1).sum().float()
 
 
+def accepted_per_block(correct: torch.Tensor) -> torch.Tensor:
+    """[.., N] the run of correct slots from slot 1 (greedy verification: drafting stops at the first miss). A slot
+    that does not count (past the answer's end) is not correct, so it ends the run like a miss."""
+    return torch.cumprod(correct[..., 1:].int(), dim=-1).sum(-1)
+
+
 def acceptance_stats(correct: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     """A flat float vector of sums, additive over micro-batches and ranks:
-    [blocks, accepted tokens, correct per slot (B), counted per slot (B)].
-    Accepted tokens of a block = the run of correct slots from slot 1 (greedy verification: drafting stops at the
-    first miss); the simulated acceptance length tau = 1 + accepted (the target's own token)."""
-    blocks = counted.any(-1)
-    # A slot that does not count (past the answer's end) ends the run like a miss: drafting cannot run past it.
-    accepted = torch.cumprod(correct[..., 1:].int(), dim=-1).sum()
-    return torch.cat([torch.stack([blocks.sum(), accepted]).float(),
+    [blocks, accepted tokens, correct per slot (B), counted per slot (B)]."""
+    return torch.cat([torch.stack([counted.any(-1).sum(), accepted_per_block(correct).sum()]).float(),
                       (correct & counted).sum((0, 1)).float(), counted.sum((0, 1)).float()])
 
 
 def summarize(stats: torch.Tensor, block_size: int) -> dict:
+    """`tau_anchor_mean`: the acceptance length 1 + accepted averaged over the sampled anchors (what DFlash-style
+    trainers log as tau). It is not the served tau, tokens per verify step: serving drafts only from the anchors its
+    own steps reach, and a step that accepts a drafts skips the next a anchors, so easy stretches take few steps and
+    hard ones many. `served_walk` gives the served figure where every anchor is scored (the held-out pass)."""
     blocks, accepted = stats[0].item(), stats[1].item()
     correct, counted = stats[2: 2 + block_size], stats[2 + block_size:]
     acc = (correct[1:] / counted[1:].clamp(min=1)).tolist()
-    return {"tau": 1 + accepted / max(blocks, 1), "acc": sum(correct[1:]).item() / max(sum(counted[1:]).item(), 1),
+    return {"tau_anchor_mean": 1 + accepted / max(blocks, 1),
+            "acc": sum(correct[1:]).item() / max(sum(counted[1:]).item(), 1),
             "acc_per_pos": [round(a, 4) for a in acc]}
+
+
+def served_walk(accepted: torch.Tensor, anchors: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
+    """(verify steps, tokens) of greedy served decoding along each record's own tokens, from every-anchor scores:
+    `anchors` [b, N] sorted and covering every answer position of a stretch (`first_anchors`), `accepted` [b, N]. The
+    first step drafts from an answer's first token; a step from position t emits accepted + 1 tokens and the next one
+    drafts from t + accepted + 1. An anchor past a gap (the next answer) starts a new walk. At T=0 on the target's own
+    greedy tokens this is what our loop and vLLM count (docs/TRAINING.md)."""
+    steps = tokens = 0
+    for acc_row, pos_row, ok_row in zip(accepted.tolist(), anchors.tolist(), valid.tolist()):
+        next_anchor = -1
+        for a, pos, ok in zip(acc_row, pos_row, ok_row):
+            if ok and pos >= next_anchor:
+                steps, tokens, next_anchor = steps + 1, tokens + a + 1, pos + a + 1
+    return steps, tokens

@@ -28,9 +28,9 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         self.jsonl.write(row)
-        log.info("step %d | loss %.4f | acc %.3f | tau %.2f | lr %.2e | grad %.2f | %.0f tok/s | mem %.1f GB",
-                 row["step"], row["loss"], row["acc"], row["tau"], row["lr"], row["grad_norm"], row["tokens_per_s"],
-                 row["peak_mem_gb"])
+        log.info("step %d | loss %.4f | acc %.3f | anchor-mean tau %.2f | lr %.2e | grad %.2f | %.0f tok/s | "
+                 "mem %.1f GB", row["step"], row["loss"], row["acc"], row["tau_anchor_mean"], row["lr"],
+                 row["grad_norm"], row["tokens_per_s"], row["peak_mem_gb"])
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -42,10 +42,10 @@ class MetricsLog:
         if self.heldout is None:
             self.heldout = JsonlAppender(self.heldout_path)
         self.heldout.write(row)
-        log.info("held-out at step %d | loss %.4f | acc %.3f | tau %.2f", row["step"], row["loss"], row["acc"],
-                 row["tau"])
+        log.info("held-out at step %d | loss %.4f | acc %.3f | served tau %.2f | anchor-mean tau %.2f", row["step"],
+                 row["loss"], row["acc"], row["tau"], row["tau_anchor_mean"])
         if self.tb is not None:
-            for key in ("loss", "acc", "tau"):
+            for key in ("loss", "acc", "tau", "tau_anchor_mean"):
                 self.tb.add_scalar(f"heldout/{key}", row[key], row["step"])
 
     def close(self) -> None:

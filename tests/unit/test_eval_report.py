@@ -48,8 +48,8 @@ def test_plots(tmp_path):
 
     log = tmp_path / "metrics.jsonl"
     # A resumed run logs step 2 twice: the last row wins.
-    log.write_text('{"step": 1, "loss": 5.0, "tau": 1.0}\n{"step": 2, "loss": 9.0, "tau": 1.1}\n'
-                   '{"step": 2, "loss": 4.0, "tau": 1.2}\n')
+    log.write_text('{"step": 1, "loss": 5.0, "tau_anchor_mean": 1.0}\n{"step": 2, "loss": 9.0, "tau_anchor_mean": 1.1}\n'
+                   '{"step": 2, "loss": 4.0, "tau_anchor_mean": 1.2}\n')
     rows = training_curve(log)
     assert [r["loss"] for r in rows] == [5.0, 4.0]
     report = {"ours": summarize(ACCEPTED, PROMPTS, 3)}

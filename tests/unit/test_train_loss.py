@@ -6,14 +6,16 @@ import math
 import pytest
 import torch
 
-from dflashkit.train.data import BatchPlan, anchor_generator, read_dump_dirs, sample_anchors
+from dflashkit.train.data import BatchPlan, anchor_generator, first_anchors, read_dump_dirs, sample_anchors
 from dflashkit.train.loss import (
     acceptance_stats,
+    accepted_per_block,
     block_loss,
     dpace_weights,
     normalizer,
     position_weights,
     row_stats,
+    served_walk,
     summarize,
 )
 
@@ -45,9 +47,23 @@ def test_acceptance_stats_count_the_run_of_correct_slots():
                              [False, True, True, True, False]]])
     counted = torch.tensor([[[False, True, True, True, True], [False, True, True, True, True],
                              [False, True, True, True, False]]])
+    assert accepted_per_block(correct & counted).tolist() == [[2, 0, 3]]
     s = summarize(acceptance_stats(correct & counted, counted), 5)
-    assert s["tau"] == pytest.approx(1 + (2 + 0 + 3) / 3)
+    assert s["tau_anchor_mean"] == pytest.approx(1 + (2 + 0 + 3) / 3)
     assert s["acc_per_pos"] == [pytest.approx(2 / 3, abs=1e-4), 1.0, pytest.approx(2 / 3, abs=1e-4), 1.0]
+
+
+def test_served_walk_steps_through_the_anchors_served_decoding_reaches():
+    """Served decoding drafts from anchor t, accepts a_t and drafts next from t + a_t + 1: long accepts skip anchors,
+    so tokens per step is not the mean acceptance length over anchors."""
+    accept = [5] * 12 + [0] * 6 + [2] * 6  # every anchor of one answer: an easy stretch, a hard one, a middling one
+    anchors = torch.arange(10, 10 + len(accept))[None]
+    steps, tokens = served_walk(torch.tensor([accept]), anchors, torch.ones_like(anchors, dtype=torch.bool))
+    assert (steps, tokens) == (2 + 6 + 2, len(accept))  # 24 tokens: tau 2.4, while the anchor mean is 1 + 3 = 4
+    # A second answer further on starts its own walk; padding anchors (not valid) are skipped.
+    second = torch.tensor([[3, 0, 9, 9, 0, 0]]), torch.tensor([[4, 5, 40, 41, 0, 0]])
+    steps, tokens = served_walk(*second, torch.tensor([[True, True, True, True, False, False]]))
+    assert (steps, tokens) == (2, 4 + 10)  # anchor 4 accepts 3 (skips 5), anchor 40 accepts 9 (skips 41)
 
 
 def test_chunked_logits_equal_unchunked_with_gradients():
@@ -73,7 +89,7 @@ def test_block_loss_is_the_weighted_cross_entropy():
     labels = torch.randint(0, v, (b, n, bs))
     counted = torch.rand(b, n, bs) > 0.3
     counted[..., 0] = False
-    loss, _ = block_loss(hidden, weight, labels, counted, kind="ce", gamma=2.0, alpha=0.5, kd_weight=0.0)
+    loss, _, _ = block_loss(hidden, weight, labels, counted, kind="ce", gamma=2.0, alpha=0.5, kd_weight=0.0)
     ce = torch.nn.functional.cross_entropy((hidden @ weight.t()).view(-1, v), labels.flatten(), reduction="none")
     w = position_weights(bs, 2.0) * counted
     torch.testing.assert_close(loss, (ce.view(b, n, bs) * w).sum())
@@ -96,6 +112,11 @@ def test_anchors_lie_on_loss_mask_positions_and_are_redrawn_each_epoch():
     few = torch.zeros(30, dtype=torch.uint8)
     few[[3, 10, 29]] = 1  # the last position has nothing after it to predict
     anchors, valid = sample_anchors(few, 5, anchor_generator(0, 0, 0))
+    assert anchors[valid].tolist() == [3, 10] and valid.tolist() == [True, True, False, False, False]
+    # The held-out pass takes every anchor of the answers' beginnings, in order.
+    anchors, valid = first_anchors(loss_mask, 45)
+    assert valid.all() and anchors.tolist() == list(range(50, 90)) + list(range(150, 155))
+    anchors, valid = first_anchors(few, 5)
     assert anchors[valid].tolist() == [3, 10] and valid.tolist() == [True, True, False, False, False]
 
 

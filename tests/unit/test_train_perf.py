@@ -74,7 +74,7 @@ def test_precomputed_rows_equal_boolean_mask_selection():
     for kind in ("ce", "dpace"):
         for given in (None, rows):
             hidden.grad = None
-            loss, stats = block_loss(hidden, lm_head, labels, counted, kind=kind, gamma=4.0, alpha=0.5,
+            loss, stats, _ = block_loss(hidden, lm_head, labels, counted, kind=kind, gamma=4.0, alpha=0.5,
                                      kd_weight=0.0, chunk_rows=7, rows=given)
             loss.backward()
             results.append((loss.detach(), stats, hidden.grad.clone()))
@@ -95,7 +95,7 @@ def test_lm_head_gradient_in_forward_equals_the_recomputed_one():
         results = []
         for grad_in_forward in (False, True):
             hidden.grad = None
-            loss, stats = block_loss(hidden, lm_head, labels, counted, kind=kind, gamma=4.0, alpha=0.5, kd_weight=0.3,
+            loss, stats, _ = block_loss(hidden, lm_head, labels, counted, kind=kind, gamma=4.0, alpha=0.5, kd_weight=0.3,
                                      teacher=teacher, chunk_rows=5, grad_in_forward=grad_in_forward)
             loss.backward()
             results.append((loss.detach(), stats, hidden.grad.clone()))

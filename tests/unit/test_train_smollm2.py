@@ -83,7 +83,7 @@ def test_training_lowers_loss_and_raises_accuracy(smollm2_dump, tmp_path):  # no
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
     assert mean(last, "loss") < 0.3 * mean(first, "loss")
     assert mean(last, "acc") > mean(first, "acc") + 0.02
-    assert mean(last, "tau") > mean(first, "tau")
+    assert mean(last, "tau_anchor_mean") > mean(first, "tau_anchor_mean")
     assert len(rows[30]["acc_per_pos"]) == 3
     assert (tmp_path / "checkpoints" / "step-00000030" / "config.json").exists()
 
@@ -120,7 +120,7 @@ def test_heldout_score_is_the_training_steps_loss_without_the_update(smollm2_dum
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     stepped = trainer.step(batches, lr=1e-3)
     assert scored["loss"] == pytest.approx(stepped["loss"], rel=1e-6)
-    assert scored["tau"] == stepped["tau"] and scored["acc_per_pos"] == stepped["acc_per_pos"]
+    assert scored["tau_anchor_mean"] == stepped["tau_anchor_mean"] and scored["acc_per_pos"] == stepped["acc_per_pos"]
 
 
 def _free_port() -> int:
@@ -148,12 +148,13 @@ def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_pa
         for step in (1, 2):
             a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), mode
-            assert a["tau"] == pytest.approx(b["tau"]) and a["tokens"] == b["tokens"]
+            assert a["tau_anchor_mean"] == pytest.approx(b["tau_anchor_mean"]) and a["tokens"] == b["tokens"]
         held_one, held_two = ([json.loads(line) for line in (tmp_path / run / "heldout.jsonl").read_text().splitlines()]
                               for run in ("one", mode))
         assert [r["step"] for r in held_one] == [r["step"] for r in held_two] == [2]
         assert held_one[0]["loss"] == pytest.approx(held_two[0]["loss"], rel=1e-5), mode
-        assert held_one[0]["tau"] == pytest.approx(held_two[0]["tau"]), mode
+        for key in ("tau", "tau_anchor_mean"):
+            assert held_one[0][key] == pytest.approx(held_two[0][key]), mode
         wa, wb = weights(tmp_path / "one"), weights(tmp_path / mode)
         assert wa.keys() == wb.keys()
         for name in wa:
