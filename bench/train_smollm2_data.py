@@ -40,7 +40,9 @@ def hf_from_gguf(gguf: Path, tokenizer_dir: Path, out: Path) -> None:
             shutil.copy(tokenizer_dir / name, out / name)
 
 
-def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
+def user_turns(files: list[Path], limit: int, every_turn: bool = False) -> list[tuple[str, str, str]]:
+    """(conversation id, prompt id, text) of the first user turn of each conversation, or of every user turn (each
+    then answered on its own, without the turns before it); empty and over-long turns are skipped."""
     from dflashkit.formats import raw_turns
 
     out = []
@@ -52,12 +54,37 @@ def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
                     turns = raw_turns(rec)
                 except ValueError:
                     continue
-                user = next((t.content for t in turns if t.role == "user"), "")
-                if user.strip() and len(user) < 4000:
-                    out.append((str(rec.get("id", f"{file.stem}-{n}")), user))
-                if len(out) >= limit:
-                    return out
+                conversation = str(rec.get("id", f"{file.stem}-{n}"))
+                users = [t.content for t in turns if t.role == "user"]
+                for k, user in enumerate(users if every_turn else users[:1]):
+                    if user.strip() and len(user) < 4000:
+                        out.append((conversation, conversation if k == 0 else f"{conversation}-turn{k}", user))
+                    if len(out) >= limit:
+                        return out
     return out
+
+
+def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
+    return [(pid, text) for _, pid, text in user_turns(files, limit)]
+
+
+def write_prompt_set(files: list[Path], out: Path, heldout_conversations: int) -> int:
+    """Prompt records for the quality run: every distinct user turn of all but the last `heldout_conversations`
+    conversations, then the first turns of those last ones (the eval's held-out slice), whose texts nothing trains on.
+    Returns the number of training prompts: the run's N and the eval's --heldout-skip."""
+    firsts = user_turns(files, 10**9)
+    tail = firsts[len(firsts) - heldout_conversations:]
+    heldout = {conversation for conversation, _, _ in tail}
+    seen, train = {text.strip() for _, _, text in tail}, []  # ShareGPT repeats prompts across conversations
+    for conversation, pid, text in user_turns(files, 10**9, every_turn=True):
+        if conversation not in heldout and text.strip() not in seen:
+            seen.add(text.strip())
+            train.append((pid, text))
+    tail = [(pid, text) for _, pid, text in tail]
+    with open(out, "w", encoding="utf-8") as f:
+        for pid, text in train + tail:
+            f.write(json.dumps({"id": pid, "messages": [{"role": "user", "content": text}]}) + "\n")
+    return len(train)
 
 
 @torch.inference_mode()
@@ -99,20 +126,30 @@ def generate(model_dir: Path, template: str, prompts: list[tuple[int, str, str]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, required=True)
-    parser.add_argument("--tokenizer-dir", type=Path, required=True)
+    parser.add_argument("--gguf", type=Path)
+    parser.add_argument("--tokenizer-dir", type=Path)
     parser.add_argument("--template", type=Path, default=Path("configs/templates/smollm2-thinking.jinja"))
     parser.add_argument("--prompts", type=Path, nargs="+", required=True)
     parser.add_argument("--num-prompts", type=int, default=2000)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--model-out", type=Path, required=True)
+    parser.add_argument("--model-out", type=Path)
     parser.add_argument("--out", type=Path, help="answers (.jsonl); without it, only the model is converted")
+    parser.add_argument("--write-prompts", type=Path, metavar="OUT",
+                        help="only write a prompt set from --prompts: every distinct user turn, the first turns of "
+                             "the last --heldout-conversations conversations last (see write_prompt_set)")
+    parser.add_argument("--heldout-conversations", type=int, default=484)
     # float32 by default: the eval judges the draft against the float32 target, so its greedy answers are the labels
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--shard-id", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args()
+    if args.write_prompts:
+        n = write_prompt_set(args.prompts, args.write_prompts, args.heldout_conversations)
+        print(f"{args.write_prompts}: {n} training prompts (N), then {args.heldout_conversations} held out")
+        return
+    if not (args.gguf and args.tokenizer_dir and args.model_out):
+        parser.error("--gguf, --tokenizer-dir and --model-out are required (all but with --write-prompts)")
     if not (args.model_out / "config.json").exists():
         hf_from_gguf(args.gguf, args.tokenizer_dir, args.model_out)
     if args.out:
