@@ -72,11 +72,12 @@ def write_prompt_set(files: list[Path], out: Path, heldout_conversations: int) -
     """Prompt records for the quality run: every distinct user turn of all but the last `heldout_conversations`
     conversations, then the first turns of those last ones (the eval's held-out slice), whose texts nothing trains on.
     Returns the number of training prompts: the run's N and the eval's --heldout-skip."""
-    firsts = user_turns(files, 10**9)
+    turns = user_turns(files, 10**9, every_turn=True)
+    firsts = [turn for turn in turns if turn[1] == turn[0]]  # a first turn's prompt id is its conversation id
     tail = firsts[len(firsts) - heldout_conversations:]
     heldout = {conversation for conversation, _, _ in tail}
     seen, train = {text.strip() for _, _, text in tail}, []  # ShareGPT repeats prompts across conversations
-    for conversation, pid, text in user_turns(files, 10**9, every_turn=True):
+    for conversation, pid, text in turns:
         if conversation not in heldout and text.strip() not in seen:
             seen.add(text.strip())
             train.append((pid, text))

@@ -76,24 +76,29 @@ def anchor_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
 
 
+def _eligible_anchors(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Loss-mask positions t <= T-2 (the last position has nothing after it to predict), in order."""
+    return torch.nonzero(loss_mask[:-1].bool(), as_tuple=False).flatten()
+
+
+def _padded(chosen: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`chosen` padded to [num_anchors] anchor positions, and which are real [num_anchors]."""
+    anchors = torch.zeros(num_anchors, dtype=torch.long)
+    anchors[: chosen.numel()] = chosen
+    return anchors, torch.arange(num_anchors) < chosen.numel()
+
+
 def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator):
     """Up to `num_anchors` sorted anchor positions [N] among loss-mask positions t <= T-2, and which are real [N]."""
-    eligible = torch.nonzero(loss_mask[:-1].bool(), as_tuple=False).flatten()
-    take = min(num_anchors, eligible.numel())
-    chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:take]].sort().values
-    anchors = torch.zeros(num_anchors, dtype=torch.long)
-    anchors[:take] = chosen
-    valid = torch.arange(num_anchors) < take
-    return anchors, valid
+    eligible = _eligible_anchors(loss_mask)
+    chosen = eligible[torch.randperm(eligible.numel(), generator=generator)[:num_anchors]].sort().values
+    return _padded(chosen, num_anchors)
 
 
 def first_anchors(loss_mask: torch.Tensor, num_anchors: int):
     """The first `num_anchors` eligible positions in order (and which are real): every anchor of the answers'
     beginnings, so a pass over them can follow the steps served decoding takes (`loss.served_walk`)."""
-    eligible = torch.nonzero(loss_mask[:-1].bool(), as_tuple=False).flatten()[:num_anchors]
-    anchors = torch.zeros(num_anchors, dtype=torch.long)
-    anchors[: eligible.numel()] = eligible
-    return anchors, torch.arange(num_anchors) < eligible.numel()
+    return _padded(_eligible_anchors(loss_mask)[:num_anchors], num_anchors)
 
 
 class DumpDataset(torch.utils.data.Dataset):

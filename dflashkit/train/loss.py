@@ -145,7 +145,8 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
     if t is not None:
         kd = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[2]).view(b, n, bs)
         loss = loss + kd_weight * (weights * kd).sum()
-    return loss, acceptance_stats(correct, counted), accepted_per_block(correct)
+    accepted = accepted_per_block(correct)
+    return loss, acceptance_stats(correct, counted, accepted), accepted
 
 
 def normalizer(counted: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
@@ -161,10 +162,11 @@ def accepted_per_block(correct: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(correct[..., 1:].int(), dim=-1).sum(-1)
 
 
-def acceptance_stats(correct: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+def acceptance_stats(correct: torch.Tensor, counted: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
     """A flat float vector of sums, additive over micro-batches and ranks:
-    [blocks, accepted tokens, correct per slot (B), counted per slot (B)]."""
-    return torch.cat([torch.stack([counted.any(-1).sum(), accepted_per_block(correct).sum()]).float(),
+    [blocks, accepted tokens, correct per slot (B), counted per slot (B)]; `accepted` is accepted_per_block(correct),
+    which the caller also needs."""
+    return torch.cat([torch.stack([counted.any(-1).sum(), accepted.sum()]).float(),
                       (correct & counted).sum((0, 1)).float(), counted.sum((0, 1)).float()])
 
 

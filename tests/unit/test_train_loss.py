@@ -47,8 +47,9 @@ def test_acceptance_stats_count_the_run_of_correct_slots():
                              [False, True, True, True, False]]])
     counted = torch.tensor([[[False, True, True, True, True], [False, True, True, True, True],
                              [False, True, True, True, False]]])
-    assert accepted_per_block(correct & counted).tolist() == [[2, 0, 3]]
-    s = summarize(acceptance_stats(correct & counted, counted), 5)
+    accepted = accepted_per_block(correct & counted)
+    assert accepted.tolist() == [[2, 0, 3]]
+    s = summarize(acceptance_stats(correct & counted, counted, accepted), 5)
     assert s["tau_anchor_mean"] == pytest.approx(1 + (2 + 0 + 3) / 3)
     assert s["acc_per_pos"] == [pytest.approx(2 / 3, abs=1e-4), 1.0, pytest.approx(2 / 3, abs=1e-4), 1.0]
 
