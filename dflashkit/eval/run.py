@@ -42,6 +42,13 @@ def summarize(accepted: dict[str, list[int]], prompts: list[EvalPrompt], num_dra
             "by_category": {c: acceptance_stats(acc, num_drafted) for c, acc in sorted(by_cat.items())}}
 
 
+def eos_token_ids(target, tokenizer) -> set[int]:
+    """The tokens that end an answer: the generation config's EOS ids and the tokenizer's."""
+    configured = target.generation_config.eos_token_id
+    eos = {int(t) for t in ([configured] if isinstance(configured, int) else configured or [])}
+    return eos | {tokenizer.eos_token_id}
+
+
 def run_ours(decoder: SpeculativeDecoder, prompts: list[EvalPrompt], max_new_tokens: int, temperature: float,
              eos: set[int], seed: int) -> dict[str, Generation]:
     generator = torch.Generator(device=decoder.device).manual_seed(seed)
@@ -142,9 +149,7 @@ def evaluate(args: argparse.Namespace) -> int:
     draft = load_draft(draft_dir).to(device=target.get_output_embeddings().weight.device)
     decoder = SpeculativeDecoder(target, draft, args.block_size)
     drafted = decoder.block_size - 1
-    eos = {int(t) for t in ([target.generation_config.eos_token_id] if isinstance(
-        target.generation_config.eos_token_id, int) else target.generation_config.eos_token_id or [])}
-    eos.add(tokenizer.eos_token_id)
+    eos = eos_token_ids(target, tokenizer)
 
     greedy = run_ours(decoder, prompts, args.max_new_tokens, 0.0, eos, args.seed)
     report: dict = {"config": {k: v for k, v in vars(args).items()} | {"draft_dir": str(draft_dir),

@@ -24,7 +24,7 @@ import torch
 
 from dflashkit.dump.layers import hf_hidden_states_index
 from dflashkit.model import DFlashDraft
-from dflashkit.model.masks import dense_mask
+from dflashkit.model.masks import block_inputs, dense_mask, training_mask
 
 
 @dataclasses.dataclass
@@ -138,6 +138,21 @@ class SpeculativeDecoder:
                 output = output[: i + 1]
                 break
         return Generation(list(prompt_ids), output, accepted)
+
+    @torch.inference_mode()
+    def every_anchor_logits(self, ids: list[int], anchors: torch.Tensor) -> torch.Tensor:
+        """Draft logits [N, B-1, V] for the blocks at `anchors` [N] (sorted positions) of the finished sequence `ids`,
+        computed as training does: context features from one target pass over the whole sequence, every block in one
+        pass under the training mask. Equal to what the loop drafts at those anchors (tests/unit/test_eval_spec.py)."""
+        seq = torch.tensor(ids, device=self.device)[None]
+        states = self.target(input_ids=seq, output_hidden_states=True).hidden_states
+        features = torch.cat([states[i] for i in self.layer_index], dim=-1)
+        anchors = anchors.to(self.device)[None]
+        block_ids, block_pos = block_inputs(seq, anchors, self.block_size, self.mask_token_id)
+        mask = training_mask(anchors, seq.shape[1], self.block_size, "sdpa")
+        hidden = self.draft(features, self.embed(block_ids), torch.arange(seq.shape[1], device=self.device)[None],
+                            block_pos, mask)
+        return (hidden @ self.lm_head.T.to(hidden.dtype)).float().view(anchors.shape[1], self.block_size, -1)[:, 1:]
 
     @torch.inference_mode()
     def generate_target_only(self, prompt_ids: list[int], max_new_tokens: int,

@@ -8,7 +8,6 @@ from conftest_train import tiny_config
 from dflashkit.eval.spec import SpeculativeDecoder, acceptance_stats, speculative_step
 from dflashkit.eval.vllm_metrics import parse_spec_counters
 from dflashkit.model import DFlashDraft
-from dflashkit.model.masks import block_inputs, training_mask
 
 PROMPT = [5, 17, 42, 9, 63, 2, 88, 31]
 
@@ -131,14 +130,7 @@ def test_training_pass_drafts_what_the_loop_drafts(tiny_target):
     decoder = RecordingDecoder(tiny_target, draft)
     g = decoder.generate(PROMPT, 30)
     ids = torch.tensor(g.prompt_ids + g.output_ids)[None]
-    with torch.no_grad():
-        states = tiny_target(input_ids=ids, output_hidden_states=True).hidden_states
-        features = torch.cat([states[i] for i in decoder.layer_index], dim=-1)
-        anchors = torch.tensor([[position for position, _ in decoder.drafted]])
-        block_ids, block_pos = block_inputs(ids, anchors, draft.config.block_size, draft.config.mask_token_id)
-        mask = training_mask(anchors, ids.shape[1], draft.config.block_size, "sdpa")
-        hidden = draft(features, decoder.embed(block_ids), torch.arange(ids.shape[1])[None], block_pos, mask)
-        logits = (hidden @ decoder.lm_head.T).view(len(decoder.drafted), draft.config.block_size, -1)[:, 1:]
+    logits = decoder.every_anchor_logits(ids[0].tolist(), torch.tensor([position for position, _ in decoder.drafted]))
     assert len(decoder.drafted) == g.steps > 10
     for (position, loop_logits), train_logits in zip(decoder.drafted, logits):
         assert ids[0, position] == g.output_ids[position - len(PROMPT)]  # the anchor is the token at its position
