@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dflashkit.eval", "acceptance (tau, per position, lossless check) by our loop and through vLLM"),
     "train": ("dflashkit.train", "train a DFlash draft from hidden-state dumps; torchrun for many GPUs (train_dflash.py)"),
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
-    "check-template": ("dflashkit.templates", "prove a training template's tokens and generation spans are exact"),
+    "check-template": ("dflashkit.template_check", "prove a loss mask (model template, or training template) is exact"),
     "plan-dump": ("dflashkit.dump.plan", "disk of a hidden-state dump (per token, per conversation, total) from a model config"),
     "submit": ("dflashkit.slurm:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
     "status": ("dflashkit.slurm:status_main", "per stage and shard of a run: done/failed/running/pending/missing"),

@@ -1,35 +1,29 @@
-"""Training chat templates: the model's own template with {% generation %} spans around what the model produced.
+"""Chat templates and loss masks: a conversation rendered once, 1 on the tokens the model produced.
 
-The dump renders every conversation with a training template through `apply_chat_template(...,
-return_assistant_tokens_mask=True)`; the loss mask is the resulting assistant mask. Two properties make that mask
-right, and `dflashkit check-template` proves both on many conversations before any GPU time is spent:
-
-1. Same tokens. The training template renders exactly the text (and therefore the tokens) of the model's own
-   template, for every thinking mode: the spans add markup only.
-2. Exact spans. There is one contiguous span per assistant turn, in order, and its tokens decode exactly to that
-   turn's output followed by the end-of-turn token. Everything else (role headers, the think prefix a thinking mode
-   inserts, the text after the end-of-turn token) is outside. A token straddling a span edge shows up as a mismatch.
-
-"That turn's output" is the assistant message content as the template re-renders it: templates that hide the reasoning
-of turns before the last user turn (MiniMax, Qwen3) show only the answer after the think-close tag there
-(`history_reasoning="drop"`), and some re-render a kept think block in a normal form (`renormalize`: "minimax",
-"qwen3"; see expected_outputs).
+Two mask sources (docs/FORMATS.md, "Tokenization and the loss mask"), chosen by the template itself:
+- generation spans: a training template, i.e. the model's template plus `{% generation %}` around each output, rendered
+  with `return_assistant_tokens_mask` (configs/templates/*-train.jinja);
+- located replies: any template without those tags, the checkpoint's own `chat_template` by default. Each reply is
+  found in the rendered text and its characters, through the end-of-turn token that follows, are mapped to tokens by
+  the tokenizer's offsets. Whatever the template drops or rewrites (the reasoning of earlier turns) is therefore what
+  the model sees, and is not trained on.
+`dflashkit check-template` (dflashkit/template_check.py) proves either against the other and against the replies.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import hashlib
-import itertools
-import json
-import logging
-import sys
-from collections.abc import Iterator
+import re
 from pathlib import Path
 
-log = logging.getLogger("dflashkit.templates")
+from .formats import BadRecord
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "configs" / "templates"
+GENERATION_SPANS, LOCATED_REPLIES = "generation_spans", "located_replies"
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# What the end-of-turn probe renders: the first token the template writes after this reply ends the turn.
+_PROBE = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
 
 
 def read_template(spec: str) -> str:
@@ -46,6 +40,10 @@ def template_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def has_generation_spans(template: str) -> bool:
+    return bool(_GENERATION_TAG.search(template))
+
+
 def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
     """[start, end) runs of ones in a 0/1 mask."""
     spans, start = [], None
@@ -56,6 +54,11 @@ def assistant_spans(mask: list[int]) -> list[tuple[int, int]]:
             spans.append((start, i))
             start = None
     return spans
+
+
+def render(tokenizer, messages: list[dict], template: str, kwargs: dict, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation_prompt, **kwargs)
 
 
 def render_training(tokenizer, messages: list[dict], template: str, kwargs: dict) -> tuple[list[int], list[int]]:
@@ -69,203 +72,100 @@ def render_training(tokenizer, messages: list[dict], template: str, kwargs: dict
     return ids, mask
 
 
-RENORMALIZE = ("none", "minimax", "qwen3")
+# ---- located replies ------------------------------------------------------------------------------------------------
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
 
 
-def expected_outputs(messages: list[dict], kwargs: dict, think_tags: tuple[str, str] | None,
-                     history_reasoning: str = "keep", renormalize: str = "none") -> list[str]:
-    """What each assistant turn's span must hold, before the end-of-turn token (see the module doc).
+def reply_span(text: str, before: str, prompt: str, reply: str, end_of_turn: str, turn: int) -> tuple[int, int]:
+    """[start, end) characters of assistant turn `turn` in `text`, the whole conversation rendered.
 
-    A reply holding the think-close tag is split into reasoning (before it) and answer (after it). Then:
-    - a turn before the last user turn, with `history_reasoning="drop"`: the answer, newlines trimmed on both sides
-      (Qwen3: leading ones only);
-    - "minimax": reasoning + "\\n</think>\\n\\n" + answer, newlines around both trimmed and an opening tag the reply
-      wrote itself dropped; the "<think>\\n" before it is the generation prompt's, outside the span;
-    - "qwen3": the last turn, or a later one with reasoning, is "<think>\\n" + reasoning + "\\n</think>\\n\\n" +
-      answer (an empty block without reasoning), all inside the span (Qwen3 opens the block itself), except the
-      empty block of enable_thinking=false, which the generation prompt wrote;
-    - otherwise: the content as it is.
+    `before` is the rendering of the messages before the turn, `prompt` the same with the generation prompt: what the
+    model was given when it wrote the reply. The turn's text runs from the end of `before` to the first end-of-turn
+    token after it. The span ends with that token. It starts where the generation prompt ends when the turn renders
+    after that prompt (the turn as the model produced it, whatever the template normalizes inside); otherwise the
+    template rewrote the turn (e.g. dropped its reasoning) and the span is the tail of the reply it still shows.
+    Either way the turn must still end with the reply's last line, or the reply is not recognizably there.
     """
-    open_tag, close_tag = think_tags or (None, None)
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    last_reply = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    out = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        text = m["content"]
-        has_block = bool(close_tag) and close_tag in text
-        before, answer = (text.split(close_tag)[0], text.split(close_tag)[-1]) if has_block else ("", text)
-        if history_reasoning == "drop" and i < last_user:
-            if has_block:
-                text = answer.lstrip("\n") if renormalize == "qwen3" else answer.strip("\n")
-        elif renormalize == "minimax" and has_block:
-            reasoning = before.strip("\n").split(open_tag)[-1].strip("\n")
-            answer = answer.strip("\n")
-            text = f"{reasoning}\n{close_tag}\n\n{answer}" if reasoning else answer
-        elif renormalize == "qwen3":
-            reasoning = before.rstrip("\n").split(open_tag)[-1].lstrip("\n").strip("\n")
-            answer = answer.lstrip("\n") if has_block else text
-            if i == last_reply or reasoning:
-                block = f"{open_tag}\n{reasoning}\n{close_tag}\n\n"
-                thinking_off = kwargs.get("enable_thinking") is False and not reasoning
-                text = answer.lstrip("\n") if thinking_off else block + answer.lstrip("\n")
-            else:
-                text = answer
-        out.append(text)
-    return out
+    def missing(why: str) -> BadRecord:
+        return BadRecord("reply_not_found", f"assistant turn {turn}: {why}")
+
+    if not text.startswith(before):
+        raise missing("the conversation's rendering does not begin with the rendering of the messages before this "
+                      "turn, so the turn cannot be placed")
+    end = text.find(end_of_turn, len(before))
+    if end < 0:
+        raise missing(f"no end-of-turn {end_of_turn!r} after it")
+    shown, wanted = text[len(before):end].rstrip(), reply.rstrip()
+    kept = wanted[len(wanted) - _common_suffix(shown, wanted):]
+    if len(kept) < len(wanted):  # the match ran into the template's own text (a header's newline): not the reply's
+        kept = kept.lstrip()
+    last_line = wanted.rsplit("\n", 1)[-1].strip()
+    if len(kept) < len(last_line) or (wanted.strip() and not kept):
+        raise missing(f"the template renders it as {shown[-60:]!r}, which does not end with the reply's last line "
+                      f"{last_line[-60:]!r}")
+    kept_start = len(before) + len(shown) - len(kept)
+    start = len(prompt) if text.startswith(prompt) and len(prompt) <= kept_start else kept_start
+    return start, end + len(end_of_turn)
 
 
-@dataclasses.dataclass
-class TemplateCheck:
-    """Everything check_conversation found wrong with one conversation (empty `problems`: all good)."""
-    name: str
-    problems: list[str]
-    num_tokens: int = 0
-    num_masked: int = 0
+def locate_replies(tokenizer, messages: list[dict], template: str, kwargs: dict,
+                   end_of_turn: str) -> tuple[list[int], list[int]]:
+    """Token ids of the conversation rendered once under `template`, and 1 on each reply's located tokens."""
+    text = render(tokenizer, messages, template, kwargs)
+    spans = []
+    for turn, i in enumerate(i for i, m in enumerate(messages) if m["role"] == "assistant"):
+        before = render(tokenizer, messages[:i], template, kwargs) if i else ""
+        prompt = render(tokenizer, messages[:i], template, kwargs, generation_prompt=True) if i else ""
+        spans.append(reply_span(text, before, prompt, messages[i]["content"], end_of_turn, turn))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # A token straddling a span edge is marked, as return_assistant_tokens_mask marks it (char_to_token).
+    mask = [int(any(s < b and e > a for a, b in spans)) for s, e in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
 
 
-def check_conversation(tokenizer, messages: list[dict], kwargs: dict, training: str, model: str, end_of_turn: str,
-                       think_tags: tuple[str, str] | None = None, history_reasoning: str = "keep",
-                       renormalize: str = "none", name: str = "") -> TemplateCheck:
-    problems: list[str] = []
-    common = dict(tokenize=False, add_generation_prompt=False, **kwargs)
-    text_model = tokenizer.apply_chat_template(messages, chat_template=model, **common)
-    text_train = tokenizer.apply_chat_template(messages, chat_template=training, **common)
-    if text_model != text_train:
-        at = next((i for i, (a, b) in enumerate(zip(text_model, text_train)) if a != b),
-                  min(len(text_model), len(text_train)))
-        problems.append(f"rendered text differs at char {at}: model {text_model[at:at + 40]!r} vs training "
-                        f"{text_train[at:at + 40]!r}")
-    ids, mask = render_training(tokenizer, messages, training, kwargs)
-    model_ids = tokenizer(text_model, add_special_tokens=False)["input_ids"]
-    if ids != model_ids:
-        problems.append(f"token ids differ from the model template's ({len(ids)} vs {len(model_ids)} tokens)")
-    spans = assistant_spans(mask)
-    wanted = [w + end_of_turn for w in expected_outputs(messages, kwargs, think_tags, history_reasoning, renormalize)]
-    if len(spans) != len(wanted):
-        problems.append(f"{len(spans)} generation spans for {len(wanted)} assistant turns")
-    for n, ((a, b), want) in enumerate(zip(spans, wanted)):
-        got = tokenizer.decode(ids[a:b])
-        if got != want:
-            problems.append(f"assistant turn {n}: span decodes to {got!r}, expected {want!r}")
-    return TemplateCheck(name, problems, len(ids), sum(mask))
+def end_of_turn_token(tokenizer, template: str) -> str:
+    """The token the template writes right after a reply: the one that ends an assistant turn."""
+    before = render(tokenizer, _PROBE[:1], template, {})
+    text = render(tokenizer, _PROBE, template, {})
+    at = text.find(_PROBE[1]["content"], len(before)) if text.startswith(before) else -1
+    rest = text[at + len(_PROBE[1]["content"]):] if at >= 0 else ""
+    ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
+    token = tokenizer.decode(ids[:1]) if ids else ""
+    if not token or token not in tokenizer.all_special_tokens + list(tokenizer.get_added_vocab()):
+        raise ValueError(f"cannot tell this template's end-of-turn token (after a reply it writes {rest[:20]!r}); "
+                         "name it (--end-of-turn)")
+    return token
 
 
-# ---- synthetic conversations: every thinking mode, multi-turn, with and without reasoning ---------------------------
+# ---- the mask source: which template, which way -----------------------------------------------------------------
 
-def synthetic_conversations(tokenizer, model_template: str, think_tags: tuple[str, str], modes: list[str],
-                            mode_key: str, mode_map: dict | None = None) -> Iterator[tuple[str, list[dict], dict]]:
-    """(name, messages, chat_template_kwargs) covering each mode x {1, 3 user turns} x {system or not}.
+@dataclasses.dataclass(frozen=True)
+class MaskSource:
+    """How the dump and the online mode turn a conversation into (input_ids, loss_mask); recorded in meta.json."""
+    kind: str  # GENERATION_SPANS or LOCATED_REPLIES
+    template: str  # the jinja text rendered
+    end_of_turn: str | None = None  # located replies: the token each span ends with
 
-    A reply looks the way the model writes it after the generation prompt its mode gives (read off the model
-    template): after an open think block it continues the reasoning and closes the block; after a closed (empty) block
-    it answers; after a bare header it opens its own block on even turns and answers directly on odd ones.
-    """
-    open_tag, close_tag = think_tags
-    # Trailing newlines on some answers: templates that trim them when re-rendering must say so (--renormalize).
-    answers = ["Paris is the capital of France.", "Sure:\n- one\n- two\n", "42, because 6 * 7 = 42.\n"]
-
-    def reply(prompt: str, turn: int) -> str:
-        reasoning = f"The user asks question {turn}; recall the fact and answer briefly."
-        if prompt.rstrip().endswith(close_tag):
-            return answers[turn]
-        if prompt.rstrip().endswith(open_tag):
-            return f"{reasoning}\n{close_tag}\n\n{answers[turn]}"
-        return f"{open_tag}\n{reasoning}\n{close_tag}\n\n{answers[turn]}" if turn % 2 == 0 else answers[turn]
-
-    for mode, turns, system in itertools.product(modes, (1, 3), (False, True)):
-        kwargs = {mode_key: (mode_map or {}).get(mode, mode)}
-        messages = [{"role": "system", "content": "You are terse."}] if system else []
-        for t in range(turns):
-            messages.append({"role": "user", "content": f"Question {t}: tell me something."})
-            prompt = tokenizer.apply_chat_template(messages, chat_template=model_template, tokenize=False,
-                                                   add_generation_prompt=True, **kwargs)
-            messages.append({"role": "assistant", "content": reply(prompt, t)})
-        yield f"{mode}-{turns}turn{'-system' if system else ''}", messages, kwargs
+    def render(self, tokenizer, messages: list[dict], kwargs: dict) -> tuple[list[int], list[int]]:
+        if self.kind == GENERATION_SPANS:
+            return render_training(tokenizer, messages, self.template, kwargs)
+        return locate_replies(tokenizer, messages, self.template, kwargs, self.end_of_turn)
 
 
-def conversations_from_records(path: str, limit: int) -> Iterator[tuple[str, list[dict], dict]]:
-    """Generated records (docs/FORMATS.md) replayed with the kwargs recorded at generation."""
-    from .dump.records import iter_generated, record_messages
-    from .formats import BadRecord
-
-    usable = 0
-    for rec in iter_generated(path):
-        if usable == limit:
-            return
-        try:
-            if rec.error:
-                raise rec.error
-            messages = record_messages(rec.record)
-        except BadRecord as e:  # the dump would skip it too; it says nothing about the template
-            log.info("%s: not checked (%s)", rec.id, e)
-            continue
-        usable += 1
-        yield rec.id, messages, rec.template_kwargs
-
-
-def _csv(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dflashkit check-template", description=(
-        "Prove that a training template renders the model template's tokens exactly and that its generation spans "
-        "cover exactly each assistant output plus the end-of-turn token."))
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer (model dir or name)")
-    p.add_argument("--training-template", required=True, help="path or name under configs/templates/")
-    p.add_argument("--model-template", default=None,
-                   help="the model's own template (path or name); default: the tokenizer's chat_template")
-    p.add_argument("--end-of-turn", required=True, help="end-of-turn text, e.g. '<|im_end|>' or '[e~['")
-    p.add_argument("--think-tags", nargs=2, default=["<think>", "</think>"], metavar=("OPEN", "CLOSE"))
-    p.add_argument("--history-reasoning", choices=["keep", "drop"], default="keep",
-                   help="drop: the template hides reasoning of assistant turns before the last user turn")
-    p.add_argument("--renormalize", choices=RENORMALIZE, default="none",
-                   help="how the template re-renders a kept think block (see expected_outputs)")
-    p.add_argument("--thinking-modes", type=_csv, default=["enabled", "disabled", "adaptive"])
-    p.add_argument("--thinking-mode-key", default="thinking_mode")
-    p.add_argument("--thinking-mode-map", type=json.loads, default={},
-                   help='JSON map from mode to the value sent, as for generate: \'{"enabled": true, "disabled": false}\'')
-    p.add_argument("--input", default=None, help="also check generated conversations (generate output)")
-    p.add_argument("--num", type=int, default=50, help="at most this many generated conversations")
-    p.add_argument("--extra-special-tokens", type=_csv, default=[],
-                   help="add these as special tokens first (testing a template with a stand-in tokenizer)")
-    return p
-
-
-def run_checks(args: argparse.Namespace) -> list[TemplateCheck]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    if args.extra_special_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": args.extra_special_tokens})
-    training = read_template(args.training_template)
-    model = read_template(args.model_template) if args.model_template else tokenizer.chat_template
-    if not model:
-        raise SystemExit("the tokenizer has no chat_template; pass --model-template")
-    convos = list(synthetic_conversations(tokenizer, model, tuple(args.think_tags), args.thinking_modes,
-                                          args.thinking_mode_key, args.thinking_mode_map))
-    if args.input:
-        convos += list(conversations_from_records(args.input, args.num))
-    return [check_conversation(tokenizer, msgs, kwargs, training, model, args.end_of_turn, tuple(args.think_tags),
-                               args.history_reasoning, args.renormalize, name) for name, msgs, kwargs in convos]
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True))
-    results = run_checks(args)
-    bad = [r for r in results if r.problems]
-    for r in bad:
-        for problem in r.problems:
-            log.error("%s: %s", r.name, problem)
-    log.info("%d conversations checked, %d with problems; %d tokens, %d in generation spans",
-             len(results), len(bad), sum(r.num_tokens for r in results), sum(r.num_masked for r in results))
-    print(json.dumps({"checked": len(results), "failed": len(bad), "ok": not bad}))
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+@functools.lru_cache(maxsize=8)
+def mask_source(tokenizer, template: str | None = None, end_of_turn: str | None = None) -> MaskSource:
+    """A training template's generation spans; for a template without them, or none (the tokenizer's own
+    `chat_template`), the located replies. Raises ValueError when there is no template to render."""
+    if template is not None and has_generation_spans(template):
+        return MaskSource(GENERATION_SPANS, template)
+    template = template if template is not None else tokenizer.chat_template
+    if not template:
+        raise ValueError("the tokenizer has no chat_template: name a template (--chat-template)")
+    if not tokenizer.is_fast:
+        raise ValueError("locating replies needs a fast tokenizer (character offsets)")
+    return MaskSource(LOCATED_REPLIES, template, end_of_turn or end_of_turn_token(tokenizer, template))

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..formats import BadRecord
 from ..generate.inputs import resolve_shard
 from ..io import JsonlAppender, atomic_write_json
-from ..templates import read_template, template_sha256
+from ..templates import MaskSource, mask_source, read_template, template_sha256
 from . import format as fmt
 from .layers import (
     CONVENTION,
@@ -51,8 +51,12 @@ def build_parser(prog: str, backend: str | None) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model dir or name")
     p.add_argument("--input", required=True, help="generate output dir (shard-*.jsonl) or one .jsonl file")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--chat-template", required=True,
-                   help="training template (path or name under configs/templates/), e.g. smollm2-thinking-train")
+    p.add_argument("--chat-template", default=None,
+                   help="default: the tokenizer's own chat_template, each reply located in its rendering; or a "
+                        "template (path or name under configs/templates/): a training template's generation spans "
+                        "(smollm2-thinking-train), or the replies located in any other")
+    p.add_argument("--end-of-turn", default=None,
+                   help="located replies: the token ending a reply; default: the one the template writes after it")
     p.add_argument("--tokenizer", default=None, help="default: --model")
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.add_argument("--length-policy", choices=["skip", "truncate"], default="skip",
@@ -91,8 +95,16 @@ def parse_args(argv: list[str] | None, prog: str, backend: str | None) -> argpar
     return args
 
 
-def resolve_model(args: argparse.Namespace) -> dict:
-    """Layer count, width, dtype and target ids from the model config; the static part of meta.json."""
+def resolve_mask_source(tokenizer, template: str | None, end_of_turn: str | None) -> MaskSource:
+    try:
+        return mask_source(tokenizer, template, end_of_turn)
+    except ValueError as e:  # no template to render, a slow tokenizer: the shard cannot start
+        raise SystemExit(f"dump: {e}") from None
+
+
+def resolve_model(args: argparse.Namespace, source: MaskSource) -> dict:
+    """Layer count, width, dtype and target ids from the model config, and the mask source: the static part of
+    meta.json."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
@@ -105,13 +117,13 @@ def resolve_model(args: argparse.Namespace) -> dict:
         dtype = fmt.dtype_name(getattr(text_cfg, "dtype", None) or getattr(config, "dtype", None) or torch.float32)
     if dtype not in fmt.DTYPES:
         raise SystemExit(f"model dtype {dtype!r} is not one of {sorted(fmt.DTYPES)}; pass --dtype")
-    template_text = read_template(args.chat_template)
     return {
         "format": fmt.FORMAT_VERSION, "model": args.model, "backend": args.backend, "dtype": dtype,
         "hidden_size": width, "num_hidden_layers": n_layers, "target_layer_ids": ids,
         "layer_id_convention": CONVENTION, "final_state": FINAL_STATE, "max_seq_len": args.max_seq_len,
-        "length_policy": args.length_policy, "chat_template_sha256": template_sha256(template_text),
-        "chat_template": args.chat_template,
+        "length_policy": args.length_policy, "chat_template_sha256": template_sha256(source.template),
+        "chat_template": args.chat_template or "tokenizer", "mask_source": source.kind,
+        "end_of_turn": source.end_of_turn,
     }
 
 
@@ -148,15 +160,17 @@ def run_shard(args: argparse.Namespace) -> int:
         log.info("%s is already done (%s); nothing to do", stem, done)
         return EXIT_OK
     generated_files(args.input)  # a missing or empty input fails here, before anything is written
-    static = resolve_model(args)
-    log.info("target layers %s (%s); final state %s", static["target_layer_ids"], CONVENTION, FINAL_STATE)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fmt.write_meta(out_dir, static)  # refuses a dir holding a different dump before any work
-
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    template = read_template(args.chat_template)
+    template = read_template(args.chat_template) if args.chat_template else None  # None: the tokenizer's own
+    source = resolve_mask_source(tokenizer, template, args.end_of_turn)
+    static = resolve_model(args, source)
+    log.info("target layers %s (%s); final state %s; loss mask: %s of %s", static["target_layer_ids"], CONVENTION,
+             FINAL_STATE, source.kind, static["chat_template"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fmt.write_meta(out_dir, static)  # refuses a dir holding a different dump before any work
+
     c = Counters()
     t0 = time.time()
     backend = None
@@ -221,7 +235,7 @@ def run_shard(args: argparse.Namespace) -> int:
                         log.warning("%s: redoing an unusable earlier file: %s", rec.id, e)
                 try:
                     tok = tokenize_conversation(tokenizer, record_messages(rec.record), rec.template_kwargs,
-                                                template, args.max_seq_len, args.length_policy)
+                                                template, args.max_seq_len, args.length_policy, args.end_of_turn)
                 except BadRecord as e:
                     fail(rec.id, rec.source, e)
                     continue

@@ -51,15 +51,19 @@ def dumps(tmp_path_factory):
     gen = write_shard(root / "generate", good_records(0, 4) + [rec for rec, _ in bad.values()])
     run_dump("hf", gen, root / "hf")
     # A 64-token prefill budget: every conversation here is longer, so the capture must survive chunked prefill.
-    run_dump("vllm", gen, root / "vllm", "--max-num-batched-tokens", "64")
+    # The vLLM dump locates the replies in the model template's rendering, the HF one takes the training template's
+    # generation spans: equal records prove both backends and both mask sources at once.
+    run_dump("vllm", gen, root / "vllm", "--max-num-batched-tokens", "64", "--chat-template", "smollm2-thinking")
     return root, {cid: reason for cid, (_, reason) in bad.items()}
 
 
 def test_vllm_dump_equals_hf_dump(dumps):
     root, _ = dumps
     meta_hf, meta_vllm = read_meta(root / "hf"), read_meta(root / "vllm")
-    static = ("target_layer_ids", "final_state", "hidden_size", "dtype", "chat_template_sha256")
+    static = ("target_layer_ids", "final_state", "hidden_size", "dtype")
     assert {k: meta_hf[k] for k in static} == {k: meta_vllm[k] for k in static}
+    assert (meta_hf["mask_source"], meta_vllm["mask_source"]) == ("generation_spans", "located_replies")
+    assert meta_vllm["end_of_turn"] == "<|im_end|>"
     assert meta_hf["target_layer_ids"] == [1, 8, 14, 20, 27] and meta_hf["final_state"] == "pre_norm"
     files = list_dump_records(root / "hf")
     assert [p.name for p in files] == [p.name for p in list_dump_records(root / "vllm")] == [
@@ -121,7 +125,7 @@ def test_real_generated_conversations(vllm_server, tmp_path):
     dump's loss mask decodes exactly to the replies the server returned, each followed by <|im_end|>."""
     from transformers import AutoTokenizer
 
-    from dflashkit import templates
+    from dflashkit import template_check
     from dflashkit.templates import assistant_spans
 
     prompts = tmp_path / "prompts.jsonl"
@@ -135,9 +139,9 @@ def test_real_generated_conversations(vllm_server, tmp_path):
                           "--no-progress"], env={**os.environ, "OPENAI_API_KEY": vllm_server.api_key},
                          capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert templates.main(["--tokenizer", str(model_dir()), "--training-template", "smollm2-thinking-train",
-                           "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>",
-                           "--input", str(gen)]) == 0
+    assert template_check.main(["--tokenizer", str(model_dir()), "--training-template", "smollm2-thinking-train",
+                                "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>",
+                                "--input", str(gen)]) == 0
     run_dump("hf", gen, tmp_path / "dump")
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     records = {r["id"]: r for r in map(json.loads, (gen / "shard-00000-of-00001.jsonl").read_text().splitlines())}

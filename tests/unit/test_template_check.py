@@ -4,7 +4,7 @@ rendering are caught. MiniMax templates are checked with SmolLM2's tokenizer plu
 import pytest
 from transformers import AutoTokenizer
 
-from dflashkit import templates
+from dflashkit import template_check, templates
 from dflashkit.prepare import model_dir
 
 SMOL = {"model": "smollm2-thinking", "training": "smollm2-thinking-train", "eot": "<|im_end|>",
@@ -31,10 +31,11 @@ def tokenizer():
 def check_all(tokenizer, case, training_text=None):
     training = training_text or templates.read_template(case["training"])
     model = templates.read_template(case["model"])
-    convos = templates.synthetic_conversations(tokenizer, model, case["tags"], case["modes"],
-                                               case.get("key", "thinking_mode"), case.get("map"))
-    return [templates.check_conversation(tokenizer, msgs, kwargs, training, model, case["eot"], case["tags"],
-                                         case["history"], case["renormalize"], name) for name, msgs, kwargs in convos]
+    convos = template_check.synthetic_conversations(tokenizer, model, case["tags"], case["modes"],
+                                                    case.get("key", "thinking_mode"), case.get("map"))
+    return [template_check.check_conversation(tokenizer, msgs, kwargs, model, case["eot"], training, case["tags"],
+                                              case["history"], case["renormalize"], name)
+            for name, msgs, kwargs in convos]
 
 
 @pytest.mark.parametrize("case", [SMOL, M27, M3, QWEN3], ids=["smollm2", "minimax-m2.7", "minimax-m3", "qwen3"])
@@ -65,11 +66,11 @@ def test_broken_templates_are_caught(tokenizer, breakage, expected):
 
 
 def test_cli_exit_codes(tmp_path):
-    ok = templates.main(["--tokenizer", str(model_dir()), "--training-template", "smollm2-thinking-train",
-                         "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>"])
+    ok = template_check.main(["--tokenizer", str(model_dir()), "--training-template", "smollm2-thinking-train",
+                              "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>"])
     broken = tmp_path / "broken.jinja"
     broken.write_text(templates.read_template("smollm2-thinking-train").replace("+ '<|im_end|>' -}}{%- endgen",
                                                                                 "-}}{%- endgen"))
-    bad = templates.main(["--tokenizer", str(model_dir()), "--training-template", str(broken),
-                          "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>"])
+    bad = template_check.main(["--tokenizer", str(model_dir()), "--training-template", str(broken),
+                              "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>"])
     assert (ok, bad) == (0, 1)
