@@ -74,3 +74,84 @@ def test_cli_exit_codes(tmp_path):
     bad = template_check.main(["--tokenizer", str(model_dir()), "--training-template", str(broken),
                               "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>"])
     assert (ok, bad) == (0, 1)
+
+
+# ---- located replies: the mask from the model's own template, no generation tags needed ------------------------------
+
+@pytest.mark.parametrize("case", [SMOL, M27, M3, QWEN3], ids=["smollm2", "minimax-m2.7", "minimax-m3", "qwen3"])
+def test_located_masks_equal_the_training_templates_token_for_token(tokenizer, case):
+    model, training = templates.read_template(case["model"]), templates.read_template(case["training"])
+    assert not templates.has_generation_spans(model) and templates.has_generation_spans(training)
+    assert templates.end_of_turn_token(tokenizer, model) == case["eot"]
+    convos = list(template_check.synthetic_conversations(tokenizer, model, case["tags"], case["modes"],
+                                                         case.get("key", "thinking_mode"), case.get("map")))
+    assert {len(msgs) // 2 for _, msgs, _ in convos} == {1, 3}  # one and three user turns, in every mode
+    for name, msgs, kwargs in convos:
+        ids, mask = templates.locate_replies(tokenizer, msgs, model, kwargs, case["eot"])
+        assert (ids, mask) == templates.render_training(tokenizer, msgs, training, kwargs), name
+
+
+def masked_text(tokenizer, ids, mask) -> list[str]:
+    return [tokenizer.decode(ids[a:b]) for a, b in templates.assistant_spans(mask)]
+
+
+def test_a_template_without_generation_tags_gives_the_replies_and_end_of_turn(tokenizer):
+    """SmolLM2's own checkpoint template (no tags, no thinking modes), through the dump's tokenization with no
+    template named: one span per reply, exactly the reply plus <|im_end|>."""
+    from conftest_dump import good_records
+
+    from dflashkit.dump.records import record_messages
+    from dflashkit.dump.tokenize import tokenize_conversation
+
+    assert not templates.has_generation_spans(tokenizer.chat_template)
+    for rec in good_records(0, 4):
+        msgs = record_messages(rec)
+        tok = tokenize_conversation(tokenizer, msgs, {}, None, 4096, "skip")
+        assert tok.input_ids == tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False)
+        assert 0 < sum(tok.loss_mask) < len(tok.input_ids)
+        replies = [m["content"] for m in msgs if m["role"] == "assistant"]
+        assert masked_text(tokenizer, tok.input_ids, tok.loss_mask) == [r + "<|im_end|>" for r in replies]
+
+
+def test_reasoning_the_template_drops_is_not_in_the_mask(tokenizer):
+    """MiniMax-M2.7 drops the reasoning of turns before the last user turn: only their answers are trained on; the
+    last turn's reasoning, which the template keeps, is."""
+    model = templates.read_template("minimax-m2.7")
+    convos = template_check.synthetic_conversations(tokenizer, model, ("<think>", "</think>"), ["enabled"],
+                                                    "thinking_mode")
+    _, msgs, kwargs = next(c for c in convos if len(c[1]) == 6)
+    ids, mask = templates.locate_replies(tokenizer, msgs, model, kwargs, "[e~[")
+    spans = masked_text(tokenizer, ids, mask)
+    assert spans[:2] == ["Paris is the capital of France.[e~[", "Sure:\n- one\n- two[e~["]
+    assert "question 0" in msgs[1]["content"] and not any("question 0" in s for s in spans)
+    assert spans[2].startswith("The user asks question 2") and spans[2].endswith("42, because 6 * 7 = 42.[e~[")
+
+
+def test_a_reply_rewritten_beyond_recognition_is_that_records_error(tokenizer):
+    from dflashkit.formats import BadRecord
+
+    rewriting = templates.read_template("smollm2-thinking").replace("message['content']",
+                                                                    "message['content'] | replace('two', '2')")
+    msgs = [{"role": "user", "content": "List two."}, {"role": "assistant", "content": "Sure:\n- one\n- two"}]
+    with pytest.raises(BadRecord) as e:
+        templates.locate_replies(tokenizer, msgs, rewriting, {}, "<|im_end|>")
+    assert e.value.reason == "reply_not_found" and "assistant turn 0" in e.value.detail and "- two" in e.value.detail
+
+
+def test_check_template_names_the_first_token_the_masks_differ_on(tokenizer):
+    """A training template that leaves <|im_end|> outside its spans: the comparison says where, in words."""
+    broken = templates.read_template(SMOL["training"]).replace("{{- message['content'] + '<|im_end|>' -}}"
+                                                               "{%- endgeneration -%}\n{{- '\\n' -}}",
+                                                               "{{- message['content'] -}}{%- endgeneration -%}\n"
+                                                               "{{- '<|im_end|>\\n' -}}")
+    msgs = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    r = template_check.check_conversation(tokenizer, msgs, {"thinking_mode": "disabled"},
+                                          templates.read_template(SMOL["model"]), "<|im_end|>", broken)
+    differ = [p for p in r.problems if p.startswith("masks differ")]
+    assert differ == [(f"masks differ at 1 token(s), first at token {r.num_tokens - 2} of {r.num_tokens}, "
+                       "'<|im_end|>' after '\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\nHello.': the model "
+                       "template trains on it, the training template does not")]
+
+
+def test_cli_checks_the_model_template_alone():
+    assert template_check.main(["--tokenizer", str(model_dir()), "--model-template", "smollm2-thinking"]) == 0
