@@ -105,7 +105,7 @@ def reply_span(text: str, before: str, prompt: str, reply: str, end_of_turn: str
     if len(kept) < len(wanted):  # the match ran into the template's own text (a header's newline): not the reply's
         kept = kept.lstrip()
     last_line = wanted.rsplit("\n", 1)[-1].strip()
-    if len(kept) < len(last_line) or (wanted.strip() and not kept):
+    if len(kept) < len(last_line):
         raise missing(f"the template renders it as {shown[-60:]!r}, which does not end with the reply's last line "
                       f"{last_line[-60:]!r}")
     kept_start = len(before) + len(shown) - len(kept)

@@ -142,6 +142,8 @@ def test_real_generated_conversations(vllm_server, tmp_path):
     assert template_check.main(["--tokenizer", str(model_dir()), "--training-template", "smollm2-thinking-train",
                                 "--model-template", "smollm2-thinking", "--end-of-turn", "<|im_end|>",
                                 "--input", str(gen)]) == 0
+    assert template_check.main(["--tokenizer", str(model_dir()), "--model-template", "smollm2-thinking",
+                                "--input", str(gen)]) == 0  # the located mask alone, on the same records
     run_dump("hf", gen, tmp_path / "dump")
     tokenizer = AutoTokenizer.from_pretrained(model_dir())
     records = {r["id"]: r for r in map(json.loads, (gen / "shard-00000-of-00001.jsonl").read_text().splitlines())}
