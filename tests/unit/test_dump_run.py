@@ -3,7 +3,9 @@ errors file, done-marker counts, meta.json, a rerun of a finished shard, shardin
 write a different dump into the same directory."""
 import json
 
+import pytest
 from conftest_dump import bad_records, write_shard
+from transformers import AutoTokenizer
 
 from dflashkit.dump import format as fmt
 from dflashkit.dump.run import main
@@ -46,3 +48,17 @@ def test_a_different_dump_into_the_same_dir_is_refused(tmp_path):
     assert dump(gen, out, "--num-shards", "2", "--shard-id", "1", "--target-layer-ids", "1,2") == 1
     assert (out / "meta.json").read_text() == before and not fmt.done_marker_path(out, 1, 2).exists()
     assert dump(tmp_path / "missing", tmp_path / "other") == 1 and not (tmp_path / "other").exists()
+
+
+def test_no_template_to_render_stops_with_one_line(tmp_path):
+    """No --chat-template and a tokenizer without one: the shard cannot build a loss mask and says so before
+    writing anything."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir())
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path / "tok")
+    gen = write_shard(tmp_path / "gen", [bad_records(0)["bad-empty"][0]])
+    with pytest.raises(SystemExit) as e:
+        main(["--backend", "hf", "--model", str(model_dir()), "--tokenizer", str(tmp_path / "tok"), "--input",
+              str(gen), "--output-dir", str(tmp_path / "dump"), "--no-progress"])
+    assert e.value.code == "dump: the tokenizer has no chat_template: name a template (--chat-template)"
+    assert not (tmp_path / "dump").exists()
