@@ -155,3 +155,16 @@ def test_check_template_names_the_first_token_the_masks_differ_on(tokenizer):
 
 def test_cli_checks_the_model_template_alone():
     assert template_check.main(["--tokenizer", str(model_dir()), "--model-template", "smollm2-thinking"]) == 0
+
+
+@pytest.mark.parametrize("case", [SMOL, M27, QWEN3], ids=["smollm2", "minimax-m2.7", "qwen3"])
+def test_located_masks_equal_the_training_templates_where_the_template_renormalizes(tokenizer, case):
+    """Stray newlines and spaces around think blocks and answers, which MiniMax and Qwen3 trim when re-rendering:
+    the located span still starts where the generation prompt ends (or where the kept answer starts)."""
+    msgs = [{"role": "user", "content": "Q0"}, {"role": "assistant", "content": "<think>\n\nR0\n\n</think>\n\n\nA0\n\n"},
+            {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\nR1 \n\n</think>\nA1 \n"}]
+    model, training = templates.read_template(case["model"]), templates.read_template(case["training"])
+    for mode in case["modes"]:
+        kwargs = {case.get("key", "thinking_mode"): (case.get("map") or {}).get(mode, mode)}
+        assert templates.locate_replies(tokenizer, msgs, model, kwargs, case["eot"]) == templates.render_training(
+            tokenizer, msgs, training, kwargs), mode
