@@ -74,11 +74,18 @@ def render_training(tokenizer, messages: list[dict], template: str, kwargs: dict
 
 # ---- located replies ------------------------------------------------------------------------------------------------
 
-def _common_suffix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
-        n += 1
-    return n
+def _shown_tail(shown: str, reply: str) -> tuple[int, int]:
+    """Where in `shown` the longest tail of `reply` that `shown` ends with begins, and how many characters of it
+    match. Whitespace is not compared: templates trim and re-space the text around think tags and answers."""
+    i, j, start, matched = len(shown), len(reply), len(shown), 0
+    while True:
+        while i and shown[i - 1].isspace():
+            i -= 1
+        while j and reply[j - 1].isspace():
+            j -= 1
+        if not i or not j or shown[i - 1] != reply[j - 1]:
+            return start, matched
+        i, j, start, matched = i - 1, j - 1, i - 1, matched + 1
 
 
 def reply_span(text: str, before: str, prompt: str, reply: str, end_of_turn: str, turn: int) -> tuple[int, int]:
@@ -88,7 +95,8 @@ def reply_span(text: str, before: str, prompt: str, reply: str, end_of_turn: str
     model was given when it wrote the reply. The turn's text runs from the end of `before` to the first end-of-turn
     token after it. The span ends with that token. It starts where the generation prompt ends when the turn renders
     after that prompt (the turn as the model produced it, whatever the template normalizes inside); otherwise the
-    template rewrote the turn (e.g. dropped its reasoning) and the span is the tail of the reply it still shows.
+    template rewrote the turn (e.g. dropped its reasoning) and the span is the tail of the reply it still shows
+    (compared without whitespace, which templates trim and re-space around think tags and answers).
     Either way the turn must still end with the reply's last line, or the reply is not recognizably there.
     """
     def missing(why: str) -> BadRecord:
@@ -100,16 +108,13 @@ def reply_span(text: str, before: str, prompt: str, reply: str, end_of_turn: str
     end = text.find(end_of_turn, len(before))
     if end < 0:
         raise missing(f"no end-of-turn {end_of_turn!r} after it")
-    shown, wanted = text[len(before):end].rstrip(), reply.rstrip()
-    kept = wanted[len(wanted) - _common_suffix(shown, wanted):]
-    if len(kept) < len(wanted):  # the match ran into the template's own text (a header's newline): not the reply's
-        kept = kept.lstrip()
-    last_line = wanted.rsplit("\n", 1)[-1].strip()
-    if len(kept) < len(last_line):
-        raise missing(f"the template renders it as {shown[-60:]!r}, which does not end with the reply's last line "
-                      f"{last_line[-60:]!r}")
-    kept_start = len(before) + len(shown) - len(kept)
-    start = len(prompt) if text.startswith(prompt) and len(prompt) <= kept_start else kept_start
+    shown = text[len(before):end]
+    tail_start, matched = _shown_tail(shown, reply)
+    last_line = reply.rstrip().rsplit("\n", 1)[-1]
+    if matched < sum(not c.isspace() for c in last_line):
+        raise missing(f"the template renders it as {shown.rstrip()[-60:]!r}, which does not end with the reply's "
+                      f"last line {last_line.strip()[-60:]!r}")
+    start = len(prompt) if text.startswith(prompt) else len(before) + tail_start
     return start, end + len(end_of_turn)
 
 
