@@ -1,5 +1,7 @@
-"""`dflashkit check-template`: the shipped training templates pass; templates with a misplaced span or a changed
-rendering are caught. MiniMax templates are checked with SmolLM2's tokenizer plus MiniMax's markers as special tokens
+"""`dflashkit check-template` and the masks it compares: the shipped training templates pass; templates with a
+misplaced span or a changed rendering are caught; the mask located in the model template's rendering equals the
+training template's token for token (every thinking mode, multi-turn), is right on a template without generation tags,
+leaves out the reasoning a template drops, and refuses a reply rewritten beyond recognition. MiniMax templates are checked with SmolLM2's tokenizer plus MiniMax's markers as special tokens
 (as in MiniMax's own vocabulary), since no MiniMax tokenizer is available offline."""
 import pytest
 from transformers import AutoTokenizer
