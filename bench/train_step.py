@@ -1,6 +1,6 @@
 """Time the real training step (forward, loss, backward, AdamW) on synthetic dump-shaped inputs at real dims.
 
-    python bench/train_step.py --preset qwen3-8b [--micro-batch 1] [--compile] [--activation-checkpointing]
+    python bench/train_step.py --preset qwen3-8b [--micro-batch 1] [--step plain] [--activation-checkpointing]
     torchrun --nproc-per-node 2 bench/train_step.py --preset minimax-m3 --micro-batch 4 --parallel fsdp
 
 Everything but the target is the trainer's own code path (dflashkit.train.loop.Trainer.step); the target head
@@ -25,10 +25,10 @@ import torch
 from dflashkit.dump.layers import default_target_layer_ids
 from dflashkit.model import DFlashConfig, TargetHead
 from dflashkit.train.config import DataSpec, DraftSpec, LossSpec, TrainConfig
-from dflashkit.train.data import anchor_generator, collate, sample_anchors
 from dflashkit.train.distributed import Dist, init_distributed, shutdown
 from dflashkit.train.flops import batch_flops
 from dflashkit.train.loop import Trainer, peak_memory_gb
+from dflashkit.train.synthetic import synthetic_batch
 
 PRESETS = {
     # Qwen3-8B's decoder layer (its config.json), the DFlash defaults (5 layers, B 16), the trainer's 512 anchors.
@@ -49,19 +49,6 @@ PRESETS = {
                 "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536, "block_size": 16,
                 "anchors": 64, "seq": 1024, "vocab_size": 49152},
 }
-
-
-def synthetic_batch(micro: int, seq: int, hidden: int, layers: int, anchors: int, vocab: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for i in range(micro):
-        loss_mask = torch.zeros(seq, dtype=torch.uint8)
-        loss_mask[seq // 4:] = 1  # a prompt, then the answer
-        a, valid = sample_anchors(loss_mask, anchors, anchor_generator(seed, 0, i))
-        items.append({"input_ids": torch.randint(0, vocab, (seq,), generator=g),
-                      "aux_hidden_states": torch.randn(seq, layers * hidden, generator=g).to(torch.bfloat16),
-                      "loss_mask": loss_mask, "anchors": a, "anchor_valid": valid, "length": torch.tensor(seq)})
-    return collate(items)
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 50) -> float:
@@ -108,10 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", choices=["auto", "flex", "sdpa"], default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto", help="with torchrun")
-    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile each draft layer")
+    p.add_argument("--step", choices=["fast", "plain"], default="fast",
+                   help="the recipe's `step`: fast (the default: compiled, lm_head gradient in forward) or plain")
     p.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing")
     p.add_argument("--vocab-chunk-rows", type=int, default=LossSpec.vocab_chunk_rows)
-    p.add_argument("--lm-head-grad-in-forward", action="store_true", help="loss.lm_head_grad_in_forward")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="bf16 dense peak of one card for MFU (989: H100 SXM and H200)")
@@ -132,13 +119,12 @@ def build(args, d: Dist):
     dcfg = DFlashConfig(**p, target_layer_ids=default_target_layer_ids(p["num_target_layers"], 5),
                         mask_token_id=p["vocab_size"] - 1)
     cfg = TrainConfig(target_model="synthetic", output_dir="unused", attention=args.attention,
-                      precision=args.precision, parallel=args.parallel, compile=args.compile,
+                      precision=args.precision, parallel=args.parallel, step=args.step,
                       activation_checkpointing=args.activation_checkpointing,
                       model=DraftSpec(num_layers=dcfg.num_hidden_layers, block_size=dcfg.block_size,
                                       mask_token_id=dcfg.mask_token_id),
                       data=DataSpec(dump_dirs=["synthetic"], num_anchors=anchors, micro_batch_size=args.micro_batch),
-                      loss=LossSpec(vocab_chunk_rows=args.vocab_chunk_rows,
-                                    lm_head_grad_in_forward=args.lm_head_grad_in_forward))
+                      loss=LossSpec(vocab_chunk_rows=args.vocab_chunk_rows))
     cfg.validate()
     h, v = dcfg.hidden_size, dcfg.vocab_size
     dt = torch.bfloat16 if d.device.type == "cuda" and cfg.precision != "fp32" else torch.float32
@@ -150,9 +136,10 @@ def build(args, d: Dist):
     head = TargetHead(rand(v, h), rand(v, h), torch.ones(h, dtype=dt, device=d.device), 1e-6)
     trainer = Trainer(cfg, d, "pre_norm", dcfg, head)
     # Each rank its own data, as in training.
-    batch = synthetic_batch(args.micro_batch, seq, h, dcfg.num_fused_layers, anchors, v, seed=d.rank)
-    if d.device.type == "cuda":
-        batch = {k: t.pin_memory() for k, t in batch.items()}
+    batch = synthetic_batch(micro=args.micro_batch, seq=seq, width=dcfg.num_fused_layers * h, anchors=anchors,
+                            vocab=v, block_size=dcfg.block_size, seed=d.rank)
+    # On the device already, as the trainer's data.DevicePrefetcher hands batches over (copied during the step before).
+    batch = {k: t.to(d.device) for k, t in batch.items()}
     return dcfg, cfg, trainer, batch, seq, anchors
 
 
@@ -168,7 +155,7 @@ def run(args, d: Dist) -> dict:
         if cuda:
             torch.cuda.synchronize(d.device)
         t0 = time.perf_counter()
-        row = trainer.step([batch], lr=args.lr)  # ends by reading the loss: the GPU is done when it returns
+        row = trainer.read(trainer.step([batch], lr=args.lr))  # reading the loss waits for the GPU
         if cuda:
             torch.cuda.synchronize(d.device)
         if step >= args.warmup:
@@ -181,7 +168,7 @@ def run(args, d: Dist) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
-            trainer.step([batch], lr=args.lr)
+            trainer.read(trainer.step([batch], lr=args.lr))
             torch.cuda.set_sync_debug_mode("default")
         syncs = sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
                         if "synchroniz" in str(w.message)})
@@ -197,9 +184,8 @@ def run(args, d: Dist) -> dict:
         "draft_layers": dcfg.num_hidden_layers, "intermediate": dcfg.intermediate_size, "vocab": dcfg.vocab_size,
         "seq": seq, "anchors": anchors, "block_size": dcfg.block_size, "micro_batch": args.micro_batch,
         "attention": trainer.attention if trainer.attention != "auto" else ("flex" if cuda else "sdpa"),
-        "precision": "bf16-autocast" if trainer.bf16 else "fp32", "compile": cfg.compile,
+        "precision": "bf16-autocast" if trainer.bf16 else "fp32", "step": cfg.step, "compiled": trainer.compiled,
         "activation_checkpointing": cfg.activation_checkpointing, "vocab_chunk_rows": cfg.loss.vocab_chunk_rows,
-        "lm_head_grad_in_forward": cfg.loss.lm_head_grad_in_forward,
         "draft_params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1),  # DTensor: global
         "step_time_s": round(step_time, 4),
         "tokens_per_s_per_gpu": round(tokens / step_time), "tokens_per_s_total": round(tokens * d.world_size / step_time),

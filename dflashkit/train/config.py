@@ -78,9 +78,6 @@ class LossSpec:
     dpace_alpha: float = 0.5  # D-PACE smoothing: q -> (1 - alpha) q + alpha
     kd_weight: float = 0.0  # > 0 adds KD (soft cross-entropy) against the target's logits
     vocab_chunk_rows: int = 4096  # rows of [rows, vocab] logits alive at once
-    # Compute the rows' gradients with the logits in forward instead of recomputing each chunk in backward: one
-    # lm_head matmul fewer (~12% of a Qwen3-8B draft step's FLOPs); same loss, gradients equal up to rounding.
-    lm_head_grad_in_forward: bool = False
 
     def validate(self) -> None:
         if self.decay_gamma < 0 or not 0 <= self.dpace_alpha <= 1 or self.kd_weight < 0 or self.vocab_chunk_rows < 1:
@@ -105,7 +102,12 @@ class TrainConfig:
     # Recompute each draft layer's activations in backward instead of keeping them: ~1/3 more layer FLOPs for a
     # fraction of the activation memory (long sequences, big micro-batches). Same losses up to fp rounding.
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each draft layer and the lm_head/CE chunks (first steps compile)
+    # "fast": on CUDA each draft layer and the lm_head/CE chunks are torch.compiled (the first steps compile), and
+    # each chunk's lm_head gradient is computed with its logits in forward instead of recomputing the chunk in
+    # backward (one vocab matmul fewer; no [rows, vocab] fp32 copies in backward). "plain": eager, every chunk
+    # recomputed in backward: the reference the fast step is tested against (tests/gpu/test_train_step_match.py),
+    # for debugging. Same losses up to rounding.
+    step: Literal["fast", "plain"] = "fast"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 1

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.dump.layers import CONVENTION
+from dflashkit.model.masks import block_labels
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,12 @@ def padded_length(t: int) -> int:
     return max(128, 1 << (t - 1).bit_length())
 
 
-def collate(items: list[dict]) -> dict:
-    """Right-pad to `padded_length` of the longest sequence. Padding is invisible: every anchor lies before its
-    sequence's end, a block sees context only before its anchor, and the loss mask is 0 on padding."""
+def collate(items: list[dict], block_size: int) -> dict:
+    """Right-pad to `padded_length` of the longest sequence, and add the block targets. Padding is invisible: every
+    anchor lies before its sequence's end, a block sees context only before its anchor, and the loss mask is 0 on
+    padding. The targets (`block_labels`: `labels`, `counted` [b, N, B]; `rows`, the flat positions where `counted`,
+    whose number sizes the lm_head's input) are computed here, in the loader's workers, so they arrive pinned with the
+    rest: the step copies them without a host sync and never reads them on the host."""
     t = padded_length(max(it["input_ids"].shape[0] for it in items))
     out = {}
     for key in items[0]:
@@ -149,6 +154,9 @@ def collate(items: list[dict]) -> dict:
         for i, it in enumerate(items):
             batch[i, : it[key].shape[0]] = it[key]
         out[key] = batch
+    out["labels"], out["counted"] = block_labels(out["input_ids"], out["loss_mask"], out["anchors"],
+                                                 out["anchor_valid"], block_size)
+    out["rows"] = out["counted"].flatten().nonzero()[:, 0]
     return out
 
 
@@ -189,7 +197,46 @@ class BatchPlan:
         return out
 
 
-def loader(dataset: DumpDataset, micro_batches: list[list[tuple[int, int]]], num_workers: int, pin: bool):
-    return torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches, collate_fn=collate,
+def loader(dataset: DumpDataset, micro_batches: list[list[tuple[int, int]]], num_workers: int, pin: bool,
+           block_size: int):
+    # Workers read and collate ahead (prefetch_factor batches each); pinned batches copy to the GPU asynchronously.
+    return torch.utils.data.DataLoader(dataset, batch_sampler=micro_batches,
+                                       collate_fn=functools.partial(collate, block_size=block_size),
                                        num_workers=num_workers, pin_memory=pin,
                                        prefetch_factor=4 if num_workers else None)
+
+
+class DevicePrefetcher:
+    """Micro-batches already on the GPU: the next one is copied on a side stream while the current step computes,
+    so the step's stream never waits for a host-to-device copy. Yields (batch on `device`, its tokens: the sum of
+    its real lengths, read on the host before the copy). Elsewhere (CPU) it yields the batches as they come."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = iter(batches), device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead = self._fetch()
+
+    def _fetch(self):
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        tokens = int(batch["length"].sum())
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch, tokens
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.ahead is None:
+            raise StopIteration
+        (batch, tokens), self.ahead = self.ahead, None
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in batch.values():
+                t.record_stream(current)  # the caching allocator must not reuse it while the step reads it
+        self.ahead = self._fetch()
+        return batch, tokens

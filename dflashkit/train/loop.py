@@ -22,7 +22,7 @@ import yaml
 
 from dflashkit.config import load_config, to_dict
 from dflashkit.model import DFlashConfig, DFlashDraft, TargetHead
-from dflashkit.model.masks import block_inputs, block_labels, training_mask
+from dflashkit.model.masks import block_inputs, training_mask
 from dflashkit.train import checkpoint, data
 from dflashkit.train.config import OptimSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
@@ -65,6 +65,10 @@ class Trainer:
         self.cfg, self.d, self.dcfg = cfg, d, dcfg
         cuda = d.device.type == "cuda"
         self.bf16 = uses_bf16(cfg, d)
+        # The fast step (config.py, `step`): compiled on CUDA (inductor on the CPU costs more than it saves on
+        # the small models trained there), the lm_head gradient in forward everywhere.
+        self.compiled = cfg.step == "fast" and cuda
+        self.grad_in_forward = cfg.step == "fast"
         self.attention = cfg.attention
         self.final_pre_norm = final_state == "pre_norm"
         self.head = head.to(d.device)
@@ -79,7 +83,7 @@ class Trainer:
         draft.to(d.device)
         for layer in draft.layers:
             layer.activation_checkpointing = cfg.activation_checkpointing
-            if cfg.compile:
+            if self.compiled:
                 layer.compile()  # in place: parameter names (checkpoints, export) stay the same
         mode = cfg.parallel if cfg.parallel != "auto" else (
             "fsdp" if dcfg.hidden_size >= cfg.fsdp_min_hidden_size else "ddp")
@@ -88,28 +92,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                            weight_decay=o.weight_decay, fused=cuda)
 
-    def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labels, counted) of the batch as it arrived, on the CPU: the rows that reach the lm_head are then known
-        without waiting for the GPU."""
-        return block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"], batch["anchor_valid"],
-                            self.dcfg.block_size)
-
-    def _weight(self, counted: torch.Tensor) -> float:
+    def _weight(self, counted: torch.Tensor) -> torch.Tensor:
         """The batch's share of the loss normalizer."""
         return normalizer(counted, self.cfg.loss.kind, self.cfg.loss.decay_gamma)
 
-    def _loss(self, batch: dict, labels: torch.Tensor, counted: torch.Tensor):
-        """(summed weighted loss, summed acceptance stats) of one micro-batch, used by `step` and `evaluate`."""
+    def _loss(self, batch: dict):
+        """(summed weighted loss, summed acceptance stats, accepted per block) of one micro-batch on the device,
+        used by `step` and `evaluate`."""
         with torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self._forward(batch, labels, counted)
+            return self._forward(batch)
 
-    def _forward(self, batch: dict, labels: torch.Tensor, counted: torch.Tensor):
-        # Every copy is asynchronous: no host sync in the step.
+    def _forward(self, batch: dict):
         dev, B, c = self.d.device, self.dcfg.block_size, self.cfg.loss
-        ids, anchors = batch["input_ids"].to(dev, non_blocking=True), batch["anchors"].to(dev, non_blocking=True)
-        aux = batch["aux_hidden_states"].to(dev, non_blocking=True)
-        rows = counted.flatten().nonzero()[:, 0].to(dev, non_blocking=True)
-        labels, counted = labels.to(dev, non_blocking=True), counted.to(dev, non_blocking=True)
+        ids, anchors, aux = batch["input_ids"], batch["anchors"], batch["aux_hidden_states"]
+        labels, counted = batch["labels"], batch["counted"]
         b, t = ids.shape
         block_ids, block_pos = block_inputs(ids, anchors, B, self.dcfg.mask_token_id)
         mask = training_mask(anchors, t, B, self.attention)  # built once, shared by every layer
@@ -119,13 +115,13 @@ class Trainer:
         if c.kd_weight > 0:
             # The target's distribution over x[a+k] comes from its final state at a+k-1.
             idx = (anchors.unsqueeze(-1) + torch.arange(B, device=dev) - 1).clamp(0, t - 1).flatten(1)
-            final = batch["hidden_states"].to(dev, non_blocking=True)
+            final = batch["hidden_states"]
             teacher = torch.gather(final, 1, idx.unsqueeze(-1).expand(-1, -1, final.shape[-1])).view(*labels.shape, -1)
             teacher = self.head.final_norm(teacher) if self.final_pre_norm else teacher
             teacher = teacher.to(self.head.lm_head.dtype)
         return block_loss(hidden, self.head.lm_head, labels, counted, kind=c.kind, gamma=c.decay_gamma,
                           alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows,
-                          rows=rows, compiled=self.cfg.compile, grad_in_forward=c.lm_head_grad_in_forward)
+                          rows=batch["rows"], compiled=self.compiled, grad_in_forward=self.grad_in_forward)
 
     def _sync_grads(self, sync: bool):
         if hasattr(self.model, "no_sync"):  # DDP: all-reduce only on the step's last micro-batch
@@ -134,18 +130,22 @@ class Trainer:
             self.model.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
 
+    def _on_device(self, batch: dict) -> dict:
+        # Batches come pinned from the loader (or already copied by data.DevicePrefetcher): no copy waits.
+        return {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items()}
+
     def step(self, batches: list[dict], lr: float) -> dict:
+        """One optimizer step over the micro-batches. Nothing in it waits for the GPU: the result stays on the
+        device as tensors (`read` turns it into numbers, the one host sync, when a row is logged)."""
         d = self.d
-        targets = [self._targets(b) for b in batches]
-        local = sum(self._weight(counted) for _, counted in targets)
-        local = torch.as_tensor(local, dtype=torch.float32).to(d.device, non_blocking=True)
-        total_weight = d.all_reduce_sum(local).clamp(min=1e-6)
+        batches = [self._on_device(b) for b in batches]
+        total_weight = d.all_reduce_sum(sum(self._weight(b["counted"]) for b in batches).float()).clamp(min=1e-6)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum, stats = torch.zeros((), device=d.device), 0
-        for i, (batch, (labels, counted)) in enumerate(zip(batches, targets)):
+        for i, batch in enumerate(batches):
             with self._sync_grads(i == len(batches) - 1):
-                loss, batch_stats, _ = self._loss(batch, labels, counted)
+                loss, batch_stats, _ = self._loss(batch)
                 # DDP and FSDP average gradients over ranks; undo that, the normalizer is already global.
                 (loss * d.world_size / total_weight).backward()
             loss_sum += loss.detach()
@@ -156,8 +156,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         reduced = d.all_reduce_sum(torch.cat([loss_sum.view(1), stats]))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        return {"loss": (reduced[0] / total_weight).item(), "grad_norm": float(grad_norm),
-                **summarize(reduced[1:].cpu(), self.dcfg.block_size)}
+        return {"loss": reduced[0] / total_weight, "grad_norm": grad_norm.float(), "stats": reduced[1:]}
+
+    def read(self, result: dict) -> dict:
+        """`step`'s result as numbers: one copy to the host."""
+        host = torch.cat([result["loss"].view(1), result["grad_norm"].view(1), result["stats"]]).cpu()
+        return {"loss": host[0].item(), "grad_norm": host[1].item(), **summarize(host[2:], self.dcfg.block_size)}
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
@@ -166,12 +170,12 @@ class Trainer:
         d = self.d
         sums, stats = torch.zeros(4, device=d.device), 0  # weighted loss sum, its normalizer, served steps, tokens
         for batch in batches:
-            labels, counted = self._targets(batch)
-            loss, batch_stats, accepted = self._loss(batch, labels, counted)
-            weight = torch.as_tensor(self._weight(counted), dtype=torch.float32)
+            on_device = self._on_device(batch)
+            loss, batch_stats, accepted = self._loss(on_device)
             steps, tokens = served_walk(accepted.cpu(), batch["anchors"], batch["anchor_valid"])
             walk = torch.tensor([steps, tokens], dtype=torch.float32)
-            sums += torch.cat([torch.stack([loss.float(), weight.to(d.device)]), walk.to(d.device)])
+            sums += torch.cat([torch.stack([loss.float(), self._weight(on_device["counted"]).float()]),
+                               walk.to(d.device)])
             stats = stats + batch_stats
         reduced = d.all_reduce_sum(torch.cat([sums, stats]))
         return {"loss": (reduced[0] / reduced[1].clamp(min=1e-6)).item(),
@@ -234,36 +238,49 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None
     if d.is_main:
         log.info("%d steps (%d per epoch, global batch %d)", total, plan.steps_per_epoch, plan.global_batch)
+    cuda = d.device.type == "cuda"
+    # One loader for the rest of the run (its workers start once, not at every epoch), then copied ahead to the GPU.
+    spe = plan.steps_per_epoch
+    micro = [m for epoch in range(step // spe, -(-total // spe))
+             for m in plan.micro_batches(epoch, max(step - epoch * spe, 0), d.rank)][: (total - step) * o.grad_accum]
+    batches = data.DevicePrefetcher(data.loader(dataset, micro, cfg.data.num_workers, cuda, dcfg.block_size), d.device)
+    # Logged figures cover the interval since the previous logged step (checkpoints and held-out scoring left out):
+    # the host reads the GPU only then, and tokens/s over an interval does not swing with one batch's lengths.
+    interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
     try:
         while step < total:
-            epoch, first = divmod(step, plan.steps_per_epoch)
-            micro = plan.micro_batches(epoch, first, d.rank)
-            batches = iter(data.loader(dataset, micro, cfg.data.num_workers, d.device.type == "cuda"))
-            for _ in range(first, plan.steps_per_epoch):
-                if step >= total:
-                    break
-                t0 = time.perf_counter()
-                if d.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(d.device)
-                step_batches = [next(batches) for _ in range(o.grad_accum)]
-                tokens = torch.tensor(float(sum(int(b["length"].sum()) for b in step_batches)), device=d.device)
-                row = trainer.step(step_batches, lr_at(step, total, o))
-                tokens = d.all_reduce_sum(tokens).item()
-                step += 1
-                dt = time.perf_counter() - t0
+            epoch = step // spe
+            step_batches = []
+            for _ in range(o.grad_accum):
+                batch, tokens = next(batches)
+                step_batches.append(batch)
+                interval_tokens += tokens
+            result = trainer.step(step_batches, lr_at(step, total, o))
+            step += 1
+            interval_steps += 1
+            if step % cfg.log_every == 0 or step == total:
+                row = trainer.read(result)
+                tokens = d.all_reduce_sum(torch.tensor(float(interval_tokens), device=d.device)).item()
+                dt = time.perf_counter() - interval_start
                 row = {"step": step, "epoch": epoch, **row, "lr": lr_at(step - 1, total, o), "tokens": tokens,
-                       "tokens_per_s": tokens / dt, "step_time_s": dt, "peak_mem_gb": peak_memory_gb(d.device)}
-                if metrics is not None and (step % cfg.log_every == 0 or step == total):
+                       "tokens_per_s": tokens / dt, "step_time_s": dt / interval_steps,
+                       "peak_mem_gb": peak_memory_gb(d.device)}
+                if metrics is not None:
                     metrics.write(row)
-                if step % cfg.checkpoint_every == 0 or step == total:
-                    trainer_state = {"step": step, "data_position": position, "config": to_dict(cfg)}
-                    checkpoint.save_checkpoint(ckpt_root, step, trainer.model, trainer.optimizer, d, trainer_state,
-                                               dcfg.to_json_string(), cfg.keep_checkpoints)
-                    if heldout_micro:
-                        scored = trainer.evaluate(list(data.loader(heldout, heldout_micro, cfg.data.num_workers,
-                                                                   d.device.type == "cuda")))
-                        if metrics is not None:
-                            metrics.write_heldout({"step": step, "epoch": epoch, **scored})
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(d.device)
+                interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
+            if step % cfg.checkpoint_every == 0 or step == total:
+                paused = time.perf_counter()
+                trainer_state = {"step": step, "data_position": position, "config": to_dict(cfg)}
+                checkpoint.save_checkpoint(ckpt_root, step, trainer.model, trainer.optimizer, d, trainer_state,
+                                           dcfg.to_json_string(), cfg.keep_checkpoints)
+                if heldout_micro:
+                    scored = trainer.evaluate(list(data.loader(heldout, heldout_micro, cfg.data.num_workers, cuda,
+                                                               dcfg.block_size)))
+                    if metrics is not None:
+                        metrics.write_heldout({"step": step, "epoch": epoch, **scored})
+                interval_start += time.perf_counter() - paused
     finally:
         if metrics is not None:
             metrics.close()

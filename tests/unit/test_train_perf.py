@@ -32,7 +32,7 @@ def batch(cfg, lengths=(40, 29), anchors=6, seed=0) -> dict:
         items.append({"input_ids": torch.randint(0, cfg.vocab_size - 1, (t,), generator=g),
                       "aux_hidden_states": torch.randn(t, cfg.num_fused_layers * cfg.hidden_size, generator=g),
                       "loss_mask": loss_mask, "anchors": a, "anchor_valid": valid, "length": torch.tensor(t)})
-    return collate(items)
+    return collate(items, cfg.block_size)
 
 
 def trainer(cfg, **options) -> Trainer:
@@ -47,7 +47,7 @@ def trainer(cfg, **options) -> Trainer:
 
 def run(t: Trainer, cfg, steps=3) -> tuple[list[float], dict]:
     b = batch(cfg)
-    losses = [t.step([b], lr=1e-2)["loss"] for _ in range(steps)]
+    losses = [t.read(t.step([b], lr=1e-2))["loss"] for _ in range(steps)]
     return losses, {k: v.detach().clone() for k, v in t.model.state_dict().items()}
 
 

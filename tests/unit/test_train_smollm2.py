@@ -114,11 +114,11 @@ def test_heldout_score_is_the_training_steps_loss_without_the_update(smollm2_dum
     meta, paths = data.read_dump_dirs([str(smollm2_dump)])
     trainer = Trainer(cfg, Dist(), meta["final_state"], draft_config(cfg, meta), TargetHead.from_pretrained(model_dir()))
     dataset = data.DumpDataset(paths, meta, 4096, 8, 0, with_final=False)
-    batches = [data.collate([dataset[(i, 0)] for i in range(j, j + 4)]) for j in (0, 4)]
+    batches = [data.collate([dataset[(i, 0)] for i in range(j, j + 4)], cfg.model.block_size) for j in (0, 4)]
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     scored = trainer.evaluate(batches)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    stepped = trainer.step(batches, lr=1e-3)
+    stepped = trainer.read(trainer.step(batches, lr=1e-3))
     assert scored["loss"] == pytest.approx(stepped["loss"], rel=1e-6)
     assert scored["tau_anchor_mean"] == stepped["tau_anchor_mean"] and scored["acc_per_pos"] == stepped["acc_per_pos"]
 
