@@ -81,27 +81,22 @@ TESTS=$!
 
 if (( NGPU >= 4 )); then
     # Scaling efficiency = tokens_per_s_total(N GPUs) / (N x tokens_per_s_per_gpu(1 GPU)), qwen3-8b micro-batch 1.
-    one q8b-mb1-compile 150 --preset qwen3-8b --micro-batch 1 --compile
-    two q8b-ddp2-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
+    one q8b-mb1 150 --preset qwen3-8b --micro-batch 1
+    two q8b-ddp2-mb1 100 --preset qwen3-8b --micro-batch 1 --parallel ddp
     log "# waiting for the GPU tests (pid $TESTS) before the 4-GPU rows"
     wait $TESTS
     log "# gpu tests: $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
-    four q8b-ddp4-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
-    four q8b-fsdp4-mb1-compile 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
-    two q8b-fsdp2-mb1-compile 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
-    four m3-fsdp4-mb4-ac-compile 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing \
-        --compile
-    one q8b-mb1-compile-gradfwd 80 --preset qwen3-8b --micro-batch 1 --compile --lm-head-grad-in-forward
-    four q8b-ddp4-mb1-compile-gradfwd 90 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile \
-        --lm-head-grad-in-forward
+    four q8b-ddp4-mb1 100 --preset qwen3-8b --micro-batch 1 --parallel ddp
+    four q8b-fsdp4-mb1 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp
+    two q8b-fsdp2-mb1 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp
+    four m3-fsdp4-mb4-ac 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing
     log "# done in ${SECONDS}s"
     exit 0
 fi
 
-# 1. qwen3-8b MFU on one GPU: today's step, compiled, and compiled without the lm_head recompute.
-one q8b-mb1-base 100 --preset qwen3-8b --micro-batch 1 --sync-debug
-one q8b-mb1-compile 150 --preset qwen3-8b --micro-batch 1 --compile
-one q8b-mb1-compile-gradfwd 80 --preset qwen3-8b --micro-batch 1 --compile --lm-head-grad-in-forward
+# 1. qwen3-8b MFU on one GPU: the default (fast) step and the plain one.
+one q8b-mb1 150 --preset qwen3-8b --micro-batch 1 --sync-debug
+one q8b-mb1-plain 100 --preset qwen3-8b --micro-batch 1 --step plain
 
 log "# waiting for the GPU tests (pid $TESTS) before the 2-GPU rows"
 wait $TESTS
@@ -109,26 +104,27 @@ log "# gpu tests: $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
 
 # 2. minimax-m3 at seq 8192, micro-batch 4 per GPU, FSDP2 on 2 GPUs (activation checkpointing: without it the
 #    five layers' activations alone need ~45 GiB at micro-batch 4).
-two m3-fsdp2-mb4-ac-compile 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing --compile
+two m3-fsdp2-mb4-ac 150 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing
 if (( ! LAST_OK )); then
-    two m3-fsdp2-mb4-ac 120 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing
+    two m3-fsdp2-mb4-ac-plain 120 --preset minimax-m3 --micro-batch 4 --parallel fsdp --activation-checkpointing \
+        --step plain
 fi
 
 # 3. Scaling 1 -> 2 GPUs (DDP), qwen3-8b micro-batch 1: tokens_per_s_total here / (2 x tokens_per_s_per_gpu of
-#    q8b-mb1-compile).
-two q8b-ddp2-mb1-compile 100 --preset qwen3-8b --micro-batch 1 --parallel ddp --compile
+#    q8b-mb1).
+two q8b-ddp2-mb1 100 --preset qwen3-8b --micro-batch 1 --parallel ddp
 
 # 4. Bigger micro-batches, what fits on one GPU for minimax-m3, and the rest as time allows.
-one q8b-mb2-compile 80 --preset qwen3-8b --micro-batch 2 --compile
-one q8b-mb4-compile 80 --preset qwen3-8b --micro-batch 4 --compile
-one m3-mb4-ac-compile 100 --preset minimax-m3 --micro-batch 4 --activation-checkpointing --compile
-one m3-mb1-compile 90 --preset minimax-m3 --micro-batch 1 --compile
-one q8b-mb4-ac-compile 80 --preset qwen3-8b --micro-batch 4 --activation-checkpointing --compile
-two q8b-fsdp2-mb1-compile 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp --compile
-two q8b-ddp2-mb1-base 80 --preset qwen3-8b --micro-batch 1 --parallel ddp
+one q8b-mb2 80 --preset qwen3-8b --micro-batch 2
+one q8b-mb4 80 --preset qwen3-8b --micro-batch 4
+one m3-mb4-ac 100 --preset minimax-m3 --micro-batch 4 --activation-checkpointing
+one m3-mb1 90 --preset minimax-m3 --micro-batch 1
+one q8b-mb4-ac 80 --preset qwen3-8b --micro-batch 4 --activation-checkpointing
+two q8b-fsdp2-mb1 90 --preset qwen3-8b --micro-batch 1 --parallel fsdp
+two q8b-ddp2-mb1-plain 80 --preset qwen3-8b --micro-batch 1 --parallel ddp --step plain
 # The shape the trainer would build from M3's own config.json (64/4 heads, its 3072-wide expert MLP) if the recipe
 # sets no model.* dims.
-two m3-configjson-fsdp2-mb4-ac-compile 120 --preset minimax-m3 --micro-batch 4 --parallel fsdp \
-    --activation-checkpointing --compile --num-attention-heads 64 --intermediate-size 3072
+two m3-configjson-fsdp2-mb4-ac 120 --preset minimax-m3 --micro-batch 4 --parallel fsdp \
+    --activation-checkpointing --num-attention-heads 64 --intermediate-size 3072
 
 log "# done in ${SECONDS}s"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest_train import tiny_config
 
@@ -60,6 +62,51 @@ def test_activation_checkpointing_gives_the_same_training_bitwise():
     assert checkpointed == plain and plain[-1] < plain[0]
     assert plain_w.keys() == ckpt_w.keys()  # parameter names (checkpoints, export) unchanged
     assert all(torch.equal(plain_w[k], ckpt_w[k]) for k in plain_w)
+
+
+def test_the_default_step_trains_as_the_plain_one():
+    """The default (fast) step against the plain one (`step: plain`, every lm_head chunk recomputed in backward):
+    the same losses and weights up to fp32 rounding. On the CPU the fast step is not compiled (the GPU test
+    tests/gpu/test_train_step_match.py covers compilation), so this checks the lm_head gradient in forward
+    inside the whole step: loss normalization, gradient clipping, AdamW."""
+    cfg = tiny_config()
+    fast = trainer(cfg)
+    assert fast.cfg.step == "fast" and fast.grad_in_forward and not fast.compiled
+    fast_losses, fast_w = run(fast, cfg)
+    plain_losses, plain_w = run(trainer(cfg, step="plain"), cfg)
+    assert plain_losses[-1] < plain_losses[0]
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+    # AdamW normalizes each gradient element: where one is ~0, rounding flips the sign of a whole lr-sized
+    # (1e-2) move, so weights are compared to 1% of one step's move.
+    for k in plain_w:
+        torch.testing.assert_close(fast_w[k], plain_w[k], rtol=1e-4, atol=1e-4)
+
+
+def test_the_step_reads_nothing_back_from_the_device(monkeypatch):
+    """Trainer.step leaves its results on the device (a read waits for the GPU and stalls the host's kernel
+    launches); `read` is the one place that copies them back. Any host read from dflashkit code during a step fails
+    here (the optimizer's own reads on the CPU are torch's, not ours)."""
+    cfg = tiny_config()
+    t, b = trainer(cfg), batch(cfg)
+    reads = []
+
+    def guarded(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "dflashkit" in Path(caller).parts:
+                reads.append(f"{name} from {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__"):
+            m.setattr(torch.Tensor, name, guarded(name))
+        result = t.step([b], lr=1e-2)
+    assert reads == []
+    assert all(isinstance(v, torch.Tensor) for v in result.values())
+    assert t.read(result)["loss"] == pytest.approx(float(result["loss"]))
 
 
 def test_precomputed_rows_equal_boolean_mask_selection():
