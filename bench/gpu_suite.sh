@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Issue 7's training-speed table in one device call (2 or 4 x H100 80 GB, <= 9 minutes):
+# Issue 7's training-speed table in one device call (2 or 4 x H100 80 GB, <= 9 minutes), or on one GPU issue 19's
+# (ours vs SpecForge, the SmolLM2 recipe before and after):
 #
 #     bash bench/gpu_suite.sh            # GPU=0 runs the single-GPU rows on card 0 (default: card 1)
+#     PEERS_SITE=/tmp/peers bash bench/gpu_suite.sh   # one GPU; specforge installed in /tmp/peers (bench/peers/)
 #
 # On a 4-GPU machine the scaling rows (1 -> 2 -> 4 GPUs, DDP and FSDP2) come first; on 2 GPUs the suite is the
-# original one (single-GPU MFU rows, minimax-m3 FSDP2, DDP 1 -> 2).
+# original one (single-GPU MFU rows, minimax-m3 FSDP2, DDP 1 -> 2). On one GPU: qwen3-8b default, SpecForge and
+# plain steps; the SmolLM2 quality recipe end to end now and, with an older checkout in BEFORE (default .before),
+# then; minimax-m3 at micro-batch 4; then the GPU tests; then the tables (bench/suite_table.py).
 #
 # Every row is one bench/train_step.py run (dflashkit/train/flops.py says what the MFU counts). Each prints the
 # command it ran, then one JSON line {"row": NAME, ...}: the benchmark's own row, or its OOM row, or a
@@ -17,8 +21,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dflashkit-gpu-suite}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_suite.log
-NGPU=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
-GPU=${GPU:-1}  # GPU 0 may be shared with another job
+NGPU=${NGPU:-$(nvidia-smi -L 2> /dev/null | grep -c "^GPU" || true)}  # set: a CPU dry run of one branch
+GPU=${GPU:-$(( NGPU > 1 ? 1 : 0 ))}  # GPU 0 may be shared with another job
 OTHER=$(( GPU == NGPU - 1 ? 0 : NGPU - 1 ))  # the GPU tests' card during the single-GPU rows
 BUDGET=${BUDGET:-510}
 ROWS=${ROWS:-.}  # a regex: only rows whose name matches run (e.g. ROWS='m3-' for a rerun)
@@ -73,6 +77,33 @@ nvidia-smi --query-gpu=index,name,memory.used,utilization.gpu --format=csv,nohea
 $PY -c 'import torch, transformers; print("# torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$LOG"
 $PY -c 'import pytest' 2> /dev/null || log "# pytest is not installed: the GPU tests will fail to start"
 log "# PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
+
+if (( NGPU == 1 )); then
+    W=(--warmup 3 --steps 10)  # issue 19: median of 10 after 3 warm-up steps
+    one q8b-mb1 120 --preset qwen3-8b --micro-batch 1 "${W[@]}"
+    # SpecForge in its own site: our rows never import it.
+    row specforge-q8b-mb1 100 "$GPU" env PYTHONPATH="${PEERS_SITE:-/tmp/peers}:$PWD" $PY bench/peers/specforge_step.py \
+        --preset qwen3-8b --micro-batch 1 "${W[@]}" "${EXTRA[@]}"
+    one q8b-mb1-plain 60 --preset qwen3-8b --micro-batch 1 --step plain "${W[@]}"
+    row smollm2-after 150 "$GPU" $PY bench/smollm2_step.py --work "$OUT/smollm2" --name after
+    BEFORE=${BEFORE:-.before}
+    if [[ -f $BEFORE/train_dflash.py ]]; then  # it logs every step: read per 10 steps
+        row smollm2-before 90 "$GPU" $PY bench/smollm2_step.py --work "$OUT/smollm2" --name before \
+            --trainer "$BEFORE" --log-every 1 --interval 10
+    else
+        log "{\"row\": \"smollm2-before\", \"skipped\": \"no older checkout in $BEFORE\"}"
+    fi
+    one m3-mb4-ac 120 --preset minimax-m3 --micro-batch 4 --activation-checkpointing "${W[@]}"
+    # The host-side changes alone: today's code, the plain step (eager).
+    row smollm2-plain 90 "$GPU" $PY bench/smollm2_step.py --work "$OUT/smollm2" --name plain --set step=plain
+    log "# gpu tests at ${SECONDS}s"
+    CUDA_VISIBLE_DEVICES=$GPU timeout -k 10 240 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
+        tests/gpu/test_train_flex.py > "$OUT/gpu_tests.log" 2>&1
+    log "# gpu tests: rc $? $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
+    $PY bench/suite_table.py "$LOG" | tee -a "$OUT/tables.md"
+    log "# done in ${SECONDS}s"
+    exit 0
+fi
 
 # GPU tests on the other card meanwhile (correctness; their timing does not matter).
 (CUDA_VISIBLE_DEVICES=$OTHER timeout -k 10 240 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
