@@ -61,7 +61,7 @@ def peer_tables(ours: list[dict], peers: list[dict], recipe: list[dict]) -> None
                   f"{r['peak_mem_gib'] or 0:.1f} GiB | {mfu} | {speed:.2f}x | {memory or 0:.2f} |")
             if r is not peer and r["step"] == "fast":
                 figures[f"default_step_vs_{peer['peer']}"] = round(speed, 2)
-                figures[f"default_step_memory_vs_{peer['peer']}"] = round(memory, 2)
+                figures[f"default_step_memory_vs_{peer['peer']}"] = round(memory, 2) if memory else None
     done = {r["row"]: r for r in recipe if r.get("tokens_per_s")}
     if recipe:
         print(f"\nSmolLM2 quality recipe, one GPU, end to end (bench/smollm2_step.py)\n\n{RECIPE_HEADER}")
