@@ -26,6 +26,7 @@ import train_step  # noqa: E402  (presets and the measured matmul peak, shared w
 
 from dflashkit.dump.layers import default_target_layer_ids  # noqa: E402
 from dflashkit.model import DFlashConfig  # noqa: E402
+from dflashkit.train.data import padded_features  # noqa: E402
 from dflashkit.train.flops import batch_flops  # noqa: E402
 from dflashkit.train.synthetic import synthetic_batch  # noqa: E402
 
@@ -58,9 +59,10 @@ def build(preset: dict, attention: str, device: torch.device, dtype: torch.dtype
 
 
 def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """Our collated batch as OnlineDFlashModel.forward takes it: the fused target layers as `hidden_states`, the loss
-    mask as floats. It samples its own anchors (as many, from the same loss-mask positions)."""
-    return {"input_ids": batch["input_ids"].to(device), "hidden_states": batch["aux_hidden_states"].to(device, dtype),
+    """Our collated batch as OnlineDFlashModel.forward takes it: the fused target layers padded as `hidden_states`,
+    the loss mask as floats. It samples its own anchors (as many, from the same loss-mask positions)."""
+    return {"input_ids": batch["input_ids"].to(device),
+            "hidden_states": padded_features(batch, "aux_hidden_states").to(device, dtype),
             "loss_mask": batch["loss_mask"].to(device, torch.float32)}
 
 

@@ -137,27 +137,46 @@ def padded_length(t: int) -> int:
     return max(128, 1 << (t - 1).bit_length())
 
 
+# The wide per-position features (the fused target layers, the final state): they travel unpadded, `[sum of
+# lengths, width]`, and are padded on the GPU (`padded_features`). Padded on the host, a micro-batch of 32 ShareGPT
+# answers at SmolLM2's dims was 454 MB of which 17% real; each worker wrote it, then shared memory and the pinning
+# thread copied it again, and the copy to the GPU moved it once more (bench/host_step.py).
+PACKED = ("aux_hidden_states", "hidden_states")
+
+
 def collate(items: list[dict], block_size: int) -> dict:
-    """Right-pad to `padded_length` of the longest sequence, and add the block targets. Padding is invisible: every
-    anchor lies before its sequence's end, a block sees context only before its anchor, and the loss mask is 0 on
-    padding. The targets (`block_labels`: `labels`, `counted` [b, N, B]; `rows`, the flat positions where `counted`,
-    whose number sizes the lm_head's input) are computed here, in the loader's workers, so they arrive pinned with the
-    rest: the step copies them without a host sync and never reads them on the host."""
+    """Right-pad the token-level tensors to `padded_length` of the longest sequence, pack the wide features
+    (`PACKED`, with `token_index`: each real position's place in the padded [b * T] layout), and add the block
+    targets. Padding is invisible: every anchor lies before its sequence's end, a block sees context only before its
+    anchor, and the loss mask is 0 on padding. The targets (`block_labels`: `labels`, `counted` [b, N, B]; `rows`,
+    the flat positions where `counted`, whose number sizes the lm_head's input) are computed here, in the loader's
+    workers, so they arrive pinned with the rest: the step copies them without a host sync and never reads them on
+    the host."""
     t = padded_length(max(it["input_ids"].shape[0] for it in items))
     out = {}
     for key in items[0]:
         if key in ("anchors", "anchor_valid", "length"):
             out[key] = torch.stack([it[key] for it in items])
-            continue
-        first = items[0][key]
-        batch = first.new_zeros((len(items), t, *first.shape[1:]))
-        for i, it in enumerate(items):
-            batch[i, : it[key].shape[0]] = it[key]
-        out[key] = batch
+        elif key in PACKED:
+            out[key] = torch.cat([it[key] for it in items])
+        else:
+            first = items[0][key]
+            batch = first.new_zeros((len(items), t, *first.shape[1:]))
+            for i, it in enumerate(items):
+                batch[i, : it[key].shape[0]] = it[key]
+            out[key] = batch
+    out["token_index"] = torch.cat([i * t + torch.arange(it["input_ids"].shape[0]) for i, it in enumerate(items)])
     out["labels"], out["counted"] = block_labels(out["input_ids"], out["loss_mask"], out["anchors"],
                                                  out["anchor_valid"], block_size)
     out["rows"] = out["counted"].flatten().nonzero()[:, 0]
     return out
+
+
+def padded_features(batch: dict, key: str) -> torch.Tensor:
+    """A packed feature of a collated batch as [b, T, width], zeros on padding, on the batch's device."""
+    b, t = batch["input_ids"].shape
+    packed = batch[key]
+    return packed.new_zeros(b * t, packed.shape[-1]).index_copy_(0, batch["token_index"], packed).view(b, t, -1)
 
 
 @dataclass

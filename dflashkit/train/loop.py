@@ -104,7 +104,7 @@ class Trainer:
 
     def _forward(self, batch: dict):
         dev, B, c = self.d.device, self.dcfg.block_size, self.cfg.loss
-        ids, anchors, aux = batch["input_ids"], batch["anchors"], batch["aux_hidden_states"]
+        ids, anchors, aux = batch["input_ids"], batch["anchors"], data.padded_features(batch, "aux_hidden_states")
         labels, counted = batch["labels"], batch["counted"]
         b, t = ids.shape
         block_ids, block_pos = block_inputs(ids, anchors, B, self.dcfg.mask_token_id)
@@ -115,7 +115,7 @@ class Trainer:
         if c.kd_weight > 0:
             # The target's distribution over x[a+k] comes from its final state at a+k-1.
             idx = (anchors.unsqueeze(-1) + torch.arange(B, device=dev) - 1).clamp(0, t - 1).flatten(1)
-            final = batch["hidden_states"]
+            final = data.padded_features(batch, "hidden_states")
             teacher = torch.gather(final, 1, idx.unsqueeze(-1).expand(-1, -1, final.shape[-1])).view(*labels.shape, -1)
             teacher = self.head.final_norm(teacher) if self.final_pre_norm else teacher
             teacher = teacher.to(self.head.lm_head.dtype)

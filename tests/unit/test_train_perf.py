@@ -15,7 +15,7 @@ from conftest_train import tiny_config
 from dflashkit.model import TargetHead
 from dflashkit.model.masks import block_labels, dense_mask
 from dflashkit.train.config import DataSpec, DraftSpec, TrainConfig
-from dflashkit.train.data import anchor_generator, collate, sample_anchors
+from dflashkit.train.data import anchor_generator, collate, padded_features, sample_anchors
 from dflashkit.train.distributed import Dist
 from dflashkit.train.flops import batch_flops, sequence_flops
 from dflashkit.train.loop import Trainer
@@ -107,6 +107,22 @@ def test_the_step_reads_nothing_back_from_the_device(monkeypatch):
     assert reads == []
     assert all(isinstance(v, torch.Tensor) for v in result.values())
     assert t.read(result)["loss"] == pytest.approx(float(result["loss"]))
+
+
+def test_collate_packs_the_wide_features_and_pads_them_back_on_the_device_side():
+    """The fused target layers travel as [sum of lengths, width] and come back as the zero-padded [b, T, width]
+    the draft reads; the token-level tensors are padded as before; the targets are the batch's own."""
+    cfg = tiny_config()
+    b = batch(cfg, lengths=(40, 29))
+    assert b["aux_hidden_states"].shape == (69, cfg.num_fused_layers * cfg.hidden_size)
+    padded = padded_features(b, "aux_hidden_states")
+    t = b["input_ids"].shape[1]
+    assert padded.shape == (2, t, cfg.num_fused_layers * cfg.hidden_size) and t == 128  # padded_length(40)
+    assert torch.equal(padded[0, :40], b["aux_hidden_states"][:40]) and torch.equal(padded[1, :29], b["aux_hidden_states"][40:])
+    assert not padded[0, 40:].any() and not padded[1, 29:].any()
+    labels, counted = block_labels(b["input_ids"], b["loss_mask"], b["anchors"], b["anchor_valid"], cfg.block_size)
+    assert torch.equal(b["labels"], labels) and torch.equal(b["counted"], counted)
+    assert torch.equal(b["rows"], counted.flatten().nonzero()[:, 0])
 
 
 def test_precomputed_rows_equal_boolean_mask_selection():
