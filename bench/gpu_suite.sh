@@ -80,24 +80,25 @@ log "# PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
 
 if (( NGPU == 1 )); then
     W=(--warmup 3 --steps 10)  # issue 19: median of 10 after 3 warm-up steps
-    one q8b-mb1 120 --preset qwen3-8b --micro-batch 1 "${W[@]}"
+    one q8b-mb1 100 --preset qwen3-8b --micro-batch 1 "${W[@]}"
     # SpecForge in its own site: our rows never import it.
-    row specforge-q8b-mb1 100 "$GPU" env PYTHONPATH="${PEERS_SITE:-/tmp/peers}:$PWD" $PY bench/peers/specforge_step.py \
+    row specforge-q8b-mb1 90 "$GPU" env PYTHONPATH="${PEERS_SITE:-/tmp/peers}:$PWD" $PY bench/peers/specforge_step.py \
         --preset qwen3-8b --micro-batch 1 "${W[@]}" "${EXTRA[@]}"
     one q8b-mb1-plain 60 --preset qwen3-8b --micro-batch 1 --step plain "${W[@]}"
-    row smollm2-after 150 "$GPU" $PY bench/smollm2_step.py --work "$OUT/smollm2" --name after
+    WORK=${WORK:-/tmp/dflashkit-smollm2}  # the synthetic dump (~1.6 GB): not under OUT
+    row smollm2-after 120 "$GPU" $PY bench/smollm2_step.py --work "$WORK" --name after
     BEFORE=${BEFORE:-.before}
     if [[ -f $BEFORE/train_dflash.py ]]; then  # it logs every step: read per 10 steps
-        row smollm2-before 90 "$GPU" $PY bench/smollm2_step.py --work "$OUT/smollm2" --name before \
+        row smollm2-before 90 "$GPU" $PY bench/smollm2_step.py --work "$WORK" --name before \
             --trainer "$BEFORE" --log-every 1 --interval 10
     else
         log "{\"row\": \"smollm2-before\", \"skipped\": \"no older checkout in $BEFORE\"}"
     fi
-    one m3-mb4-ac 120 --preset minimax-m3 --micro-batch 4 --activation-checkpointing "${W[@]}"
+    one m3-mb4-ac 100 --preset minimax-m3 --micro-batch 4 --activation-checkpointing "${W[@]}"
     # The host-side changes alone: today's code, the plain step (eager).
-    row smollm2-plain 90 "$GPU" $PY bench/smollm2_step.py --work "$OUT/smollm2" --name plain --set step=plain
+    row smollm2-plain 80 "$GPU" $PY bench/smollm2_step.py --work "$WORK" --name plain --set step=plain
     log "# gpu tests at ${SECONDS}s"
-    CUDA_VISIBLE_DEVICES=$GPU timeout -k 10 240 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
+    CUDA_VISIBLE_DEVICES=$GPU timeout -k 10 200 $PY -m pytest -q -m gpu tests/gpu/test_train_step_match.py \
         tests/gpu/test_train_flex.py > "$OUT/gpu_tests.log" 2>&1
     log "# gpu tests: rc $? $(tail -3 "$OUT/gpu_tests.log" | tr '\n' ' ')"
     $PY bench/suite_table.py "$LOG" | tee -a "$OUT/tables.md"
