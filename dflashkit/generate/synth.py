@@ -1,0 +1,259 @@
+"""Prompts synthesized by the target itself: sample completions of the chat template's user header (everything the
+template renders before a user turn's text), keep the finished, well-formed, new ones as prompt records.
+
+    server_generate.py --synthesize 50000 --tokenizer MODEL_DIR --chat-template T.jinja --model NAME \
+        --base-url URL --output-dir SYNTH                 # through the server's completions endpoint
+    python -m dflashkit.generate.engine --synthesize 50000 --model MODEL_DIR --output-dir SYNTH   # on a GPU
+
+Shard k of n writes SYNTH/prompts/shard-0000k-of-0000n.jsonl (records {"id": "synth-<sample>", "messages": [one user
+turn], "synthesis": {...}}, ready for `--input SYNTH/prompts`) and then its done-marker
+SYNTH/shard-0000k-of-0000n.done.json with the counts of accepted and rejected samples. Sample i (of shard i % n) is
+drawn with seed `--seed + i`, so a rerun makes the same prompts. Deduplication is within a shard and against
+`--synth-exclude` (e.g. the ShareGPT prompt set); texts are compared case- and whitespace-insensitively.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from ..io import JsonlAppender, atomic_write_json
+
+SENTINEL = "\u2063DFLASHKIT_USER_TEXT\u2063"  # rendered in place of the user text, then cut off
+
+
+def user_header(tokenizer, template: str | None, kwargs: dict) -> str:
+    """What the chat template renders before a first user turn's text (its default system turn included)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], chat_template=template,
+                                         tokenize=False, add_generation_prompt=False, **kwargs)
+    if SENTINEL not in text:
+        raise ValueError("the chat template does not render the user turn's text")
+    return text[:text.index(SENTINEL)]
+
+
+def _key(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+class PromptFilter:
+    """Accepts a sampled user turn once: finished (the model closed the turn), within the length bounds, free of the
+    template's special tokens, not one phrase repeated, not seen before."""
+
+    def __init__(self, min_chars: int, max_chars: int, special_tokens: Iterable[str], exclude: Iterable[str] = ()):
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self.special = [s for s in special_tokens if s]
+        self.seen = {_key(t) for t in exclude}
+        self.rejected: collections.Counter = collections.Counter()
+
+    def reason(self, text: str, finish_reason: str) -> str | None:
+        words = text.split()
+        if finish_reason != "stop":
+            return "unfinished"
+        if not self.min_chars <= len(text) <= self.max_chars:
+            return "length"
+        if any(s in text for s in self.special):
+            return "special_token"
+        if len(words) >= 30 and len(set(words)) < 0.3 * len(words):
+            return "repetitive"
+        if _key(text) in self.seen:
+            return "duplicate"
+        return None
+
+    def accept(self, text: str, finish_reason: str) -> str | None:
+        """The cleaned prompt text, or None (the reason is counted)."""
+        text = text.strip()
+        why = self.reason(text, finish_reason)
+        if why:
+            self.rejected[why] += 1
+            return None
+        self.seen.add(_key(text))
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthPaths:
+    prompts: Path
+    done: Path
+
+    @classmethod
+    def of(cls, out_dir: Path, shard_id: int, num_shards: int) -> "SynthPaths":
+        name = f"shard-{shard_id:05d}-of-{num_shards:05d}"
+        return cls(Path(out_dir) / "prompts" / f"{name}.jsonl", Path(out_dir) / f"{name}.done.json")
+
+
+def prompt_record(sample: int, text: str, model: str, temperature: float, top_p: float) -> dict:
+    return {"id": f"synth-{sample:09d}", "messages": [{"role": "user", "content": text}],
+            "synthesis": {"model": model, "sample": sample, "temperature": temperature, "top_p": top_p}}
+
+
+def excluded_texts(spec: str | None) -> list[str]:
+    """The user turns of a prompt set, to keep synthesized prompts apart from it."""
+    if not spec:
+        return []
+    from ..formats import raw_turns
+    from .inputs import iter_inputs
+
+    texts = []
+    for rec in iter_inputs(spec):
+        if rec.error is None:
+            try:
+                texts += [t.content for t in raw_turns(rec.record) if t.role == "user"]
+            except ValueError:
+                continue
+    return texts
+
+
+def make_filter(args: argparse.Namespace, tokenizer) -> PromptFilter:
+    return PromptFilter(args.synth_min_chars, args.synth_max_chars, tokenizer.all_special_tokens,
+                        excluded_texts(args.synth_exclude))
+
+
+def write_done(paths: SynthPaths, args: argparse.Namespace, counts: dict, wall: float) -> None:
+    atomic_write_json(paths.done, {"stage": "synthesize", "shard_id": args.shard_id, "num_shards": args.num_shards,
+                                   "counts": counts, "wall_time_s": round(wall, 3),
+                                   "args": {k: v for k, v in vars(args).items() if k != "base_url"},
+                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def shard_target(total: int, shard_id: int, num_shards: int) -> int:
+    return total // num_shards + (shard_id < total % num_shards)
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--synthesize", type=int, metavar="N", default=None,
+                   help="make N prompts (over all shards) by sampling the target's user turns, instead of answering")
+    p.add_argument("--synth-temperature", type=float, default=1.0)
+    p.add_argument("--synth-top-p", type=float, default=0.95)
+    p.add_argument("--synth-max-tokens", type=int, default=256, help="a longer sample is rejected as unfinished")
+    p.add_argument("--synth-min-chars", type=int, default=16)
+    p.add_argument("--synth-max-chars", type=int, default=2000)
+    p.add_argument("--synth-attempts", type=float, default=4.0, help="give up after N x this many samples")
+    p.add_argument("--synth-exclude", default=None, help="prompt records whose user turns count as already seen")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    _common_arguments(p)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    _common_arguments(p)
+    p.add_argument("--tokenizer", default=None, help="--synthesize: the served model's tokenizer (a folder or name)")
+    p.add_argument("--chat-template", default=None, help="--synthesize: the .jinja file the server renders with "
+                                                          "(default: the tokenizer's own)")
+
+
+def synthesize_with_engine(decoder, eos: set[int], renderer, args: argparse.Namespace, model: str) -> int:
+    """The GPU engine's synthesis: every slot samples the user header's continuation; finished samples refill."""
+    from .engine import Engine, Request, Sampling
+
+    paths = SynthPaths.of(Path(args.output_dir), args.shard_id, args.num_shards)
+    target = shard_target(args.synthesize, args.shard_id, args.num_shards)
+    limit = int(target * args.synth_attempts)
+    header = renderer.ids(user_header(renderer.tokenizer, renderer.template, args.chat_template_kwargs))
+    engine = Engine(decoder, eos, Sampling(args.synth_temperature, args.synth_top_p))
+    keep = make_filter(args, renderer.tokenizer)
+    state = {"submitted": 0, "finished": 0, "accepted": 0}
+    queue: collections.deque = collections.deque()
+
+    def submit() -> None:
+        sample = args.shard_id + state["submitted"] * args.num_shards
+        state["submitted"] += 1
+        queue.append(Request(sample, header, args.synth_max_tokens))
+
+    t0 = time.time()
+    with JsonlAppender(paths.prompts, truncate=True) as sink:
+        def on_done(req: Request, tokens: list[int], reason: str) -> None:
+            state["finished"] += 1
+            text = keep.accept(renderer.decode(tokens), reason)
+            if text is not None and state["accepted"] < target:
+                state["accepted"] += 1
+                sink.write(prompt_record(req.key, text, model, args.synth_temperature, args.synth_top_p))
+            pending = state["submitted"] - state["finished"]
+            if state["accepted"] + pending < target and state["submitted"] < limit:
+                submit()
+
+        for _ in range(min(limit, target + decoder.slots)):
+            submit()
+        engine.run(queue, on_done)
+    counts = {"accepted": state["accepted"], "samples": state["finished"], "rejected": dict(keep.rejected),
+              "sample_tokens": engine.answer_tokens}
+    if state["accepted"] < target:  # no marker: the shard is not done
+        print(f"{paths.prompts.name}: only {state['accepted']} of {target} prompts: {counts}", file=sys.stderr)
+        return 1
+    write_done(paths, args, counts, time.time() - t0)
+    return 0
+
+
+async def _sample(client, args, header: list[int], sample: int):
+    response = await client.completions.create(
+        model=args.model, prompt=header, temperature=args.synth_temperature, top_p=args.synth_top_p,
+        max_tokens=args.synth_max_tokens, seed=(args.seed or 0) + sample, timeout=args.request_timeout)
+    choice = response.choices[0]
+    return sample, choice.text, choice.finish_reason
+
+
+def synthesize_shard(args: argparse.Namespace) -> int:
+    """server_generate.py --synthesize: the same synthesis through the server's completions endpoint, in waves of
+    --concurrency samples taken in sample order (so the kept prompts do not depend on which request returns first)."""
+    import asyncio
+    import logging
+    import os
+
+    import openai
+    from transformers import AutoTokenizer
+
+    log = logging.getLogger("dflashkit.generate.synth")
+    paths = SynthPaths.of(Path(args.output_dir), args.shard_id, args.num_shards)
+    if paths.done.exists():
+        log.info("%s exists; nothing to do", paths.done)
+        return 0
+    if not args.tokenizer:
+        log.error("--synthesize needs --tokenizer (the served model's tokenizer, to render the user header)")
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    header_text = user_header(tokenizer, template, args.chat_template_kwargs)
+    header = tokenizer(header_text, add_special_tokens=False)["input_ids"]
+    target = shard_target(args.synthesize, args.shard_id, args.num_shards)
+    limit = int(target * args.synth_attempts)
+    keep = make_filter(args, tokenizer)
+
+    async def run(sink: JsonlAppender) -> dict:
+        client = openai.AsyncOpenAI(base_url=args.base_url[0], api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                                    max_retries=args.max_retries)
+        accepted = samples = 0
+        try:
+            while accepted < target and samples < limit:
+                wave = range(samples, min(limit, samples + args.concurrency))
+                results = await asyncio.gather(*(
+                    _sample(client, args, header, args.shard_id + k * args.num_shards) for k in wave))
+                samples += len(wave)
+                for sample, text, finish in results:
+                    text = keep.accept(text, finish)
+                    if text is not None and accepted < target:
+                        accepted += 1
+                        sink.write(prompt_record(sample, text, args.model, args.synth_temperature, args.synth_top_p))
+        finally:
+            await client.close()
+        return {"accepted": accepted, "samples": samples, "rejected": dict(keep.rejected)}
+
+    t0 = time.time()
+    try:
+        with JsonlAppender(paths.prompts, truncate=True) as sink:
+            counts = asyncio.run(run(sink))
+    except openai.OpenAIError as e:
+        log.error("%s: the server failed: %s; rerun the shard", paths.prompts.name, str(e)[:300])
+        return 75
+    if counts["accepted"] < target:
+        log.error("%s: only %d of %d prompts after %d samples (rejected: %s); no marker", paths.prompts.name,
+                  counts["accepted"], target, counts["samples"], counts["rejected"])
+        return 1
+    write_done(paths, args, counts, time.time() - t0)
+    log.info("%s: %d prompts from %d samples (rejected: %s)", paths.prompts.name, counts["accepted"],
+             counts["samples"], counts["rejected"])
+    return 0

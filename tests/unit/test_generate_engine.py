@@ -1,0 +1,114 @@
+"""The GPU generate engine on CPU: its slot cache, continuous batching and multi-turn driver give transformers'
+greedy tokens in float32, and the prompt synthesis keeps only finished, new prompts."""
+from __future__ import annotations
+
+import collections
+import types
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from dflashkit.formats import USER, Turn
+from dflashkit.generate.engine import (Conversation, Engine, Renderer, Request, Sampling, SlotDecoder,
+                                       answer_conversations, conversation_record, pick)
+from dflashkit.generate.inputs import InputRecord
+from dflashkit.generate.synth import PromptFilter, user_header
+from dflashkit.prepare import model_dir
+
+from conftest import THINKING_TEMPLATE
+
+
+def tiny_llama(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    # Wide initial weights: logits far apart, so float32 rounding between attention kernels cannot flip an argmax.
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.3, tie_word_embeddings=True, rope_theta=10000.0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def hf_greedy(model, prompt: list[int], max_new: int, eos: int | None) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)[0, len(prompt):].tolist()
+    return out[: out.index(eos)] if eos is not None and eos in out else out
+
+
+def run_engine(model, requests: list[Request], eos: set[int], slots: int, context: int = 64) -> dict:
+    done = {}
+    engine = Engine(SlotDecoder(model, slots, context, bucket=16), eos)
+    engine.run(collections.deque(requests), lambda r, tokens, reason: done.__setitem__(r.key, (tokens, reason)))
+    return done
+
+
+def test_continuous_batching_matches_hf_greedy():
+    model = tiny_llama(128)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 1, 12, 25)]
+    budgets = [12, 20, 5, 16, 9, 20, 8]
+    eos = hf_greedy(model, prompts[0], 12, None)[4]  # a token some answers reach: they must stop there
+    want = {i: hf_greedy(model, p, m, eos) for i, (p, m) in enumerate(zip(prompts, budgets))}
+    assert any(len(w) < m for w, m in zip(want.values(), budgets)), "no answer stops early: pick another eos"
+    # 3 slots for 7 prompts: slots are refilled as answers end, with other sequences mid-answer around them.
+    got = run_engine(model, [Request(i, p, m) for i, (p, m) in enumerate(zip(prompts, budgets))], {eos}, slots=3)
+    assert {i: tokens for i, (tokens, _) in got.items()} == want
+    assert {i: reason for i, (_, reason) in got.items()} == {
+        i: "stop" if len(want[i]) < budgets[i] or (eos in hf_greedy(model, prompts[i], budgets[i], None)) else
+        "length" for i in want}
+
+
+def test_context_limit_ends_answers_and_refuses_long_prompts():
+    model = tiny_llama(128)
+    got = run_engine(model, [Request("fits", list(range(1, 60)), 50), Request("over", list(range(1, 70)), 5)],
+                     set(), slots=2)
+    assert got["over"] == ([], "too_long")
+    tokens, reason = got["fits"]
+    assert reason == "length" and len(tokens) == 64 - 59 and tokens == hf_greedy(model, list(range(1, 60)), 5, None)
+
+
+def test_multi_turn_prompts_hold_the_models_own_answers():
+    """Turn 2 is answered on the chat template rendered over turn 1's regenerated answer, as server_generate.py
+    does; the record is the generate stage's format."""
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    model = tiny_llama(len(tok))
+    renderer = Renderer(tok, THINKING_TEMPLATE.read_text())
+    kwargs = {"thinking_mode": "adaptive"}
+    skeleton = [Turn(USER, "Name a colour."), Turn(USER, "And another one?")]
+    rec = InputRecord(7, "c7", "x.jsonl:8", {"id": "c7", "category": "demo"})
+    convo = Conversation(rec, skeleton, [], "adaptive", kwargs)
+    written = []
+    engine = Engine(SlotDecoder(model, 2, 256, bucket=64), {tok.convert_tokens_to_ids("<|im_end|>")})
+    answer_conversations(engine, renderer, [convo], 6, written.append)
+    assert written == [convo]
+    out = conversation_record(convo, "tiny", "float32")
+    messages = out["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    for turn in (1, 3):
+        prompt = renderer.ids(renderer.text(messages[:turn], kwargs))
+        assert renderer.decode(hf_greedy(model, prompt, 6, None)) == messages[turn]["content"]
+        assert out["generation"]["turns"][turn // 2]["prompt_tokens"] == len(prompt)
+    assert out["category"] == "demo" and out["generation"]["index"] == 7 and out["generation"]["dtype"] == "float32"
+
+
+def test_top_p_samples_only_inside_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    torch.manual_seed(0)
+    drawn = pick(logits, Sampling(temperature=1.0, top_p=0.7))
+    counts = torch.bincount(drawn, minlength=4)
+    assert counts[2:].sum() == 0 and counts[0] > counts[1] > 0  # 0.5 + 0.3 reach 0.7: tokens 2 and 3 never drawn
+    assert pick(logits[:3], Sampling()).tolist() == [0, 0, 0]
+
+
+def test_user_header_and_prompt_filter():
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    header = user_header(tok, THINKING_TEMPLATE.read_text(), {})
+    assert header.endswith("<|im_start|>user\n") and header.startswith("<|im_start|>system\n")
+    keep = PromptFilter(5, 300, tok.all_special_tokens, exclude=["Seen  before?"])
+    assert keep.accept("  What is a llama?\n", "stop") == "What is a llama?"
+    assert keep.accept("what is a  LLAMA?", "stop") is None  # a duplicate, by case and spacing
+    assert keep.accept("seen before?", "stop") is None
+    assert keep.accept("Tell me about", "length") is None
+    assert keep.accept("hi", "stop") is None
+    assert keep.accept("Hi<|im_start|>assistant", "stop") is None
+    assert keep.accept(" ".join(["spam", "eggs"] * 20), "stop") is None
+    assert keep.rejected == {"duplicate": 2, "unfinished": 1, "length": 1, "special_token": 1, "repetitive": 1}
