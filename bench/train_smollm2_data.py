@@ -68,10 +68,11 @@ def first_user_turns(files: list[Path], limit: int) -> list[tuple[str, str]]:
     return [(pid, text) for _, pid, text in user_turns(files, limit)]
 
 
-def write_prompt_set(files: list[Path], out: Path, heldout_conversations: int) -> int:
+def write_prompt_set(files: list[Path], out: Path, heldout_conversations: int, multi_turn: bool = False) -> int:
     """Prompt records for the quality run: every distinct user turn of all but the last `heldout_conversations`
     conversations, then the first turns of those last ones (the eval's held-out slice), whose texts nothing trains on.
-    Returns the number of training prompts: the run's N and the eval's --heldout-skip."""
+    Each turn is a record of its own, or with `multi_turn` one record per conversation holds its distinct turns.
+    Returns the number of training records: the run's N and the eval's --heldout-skip."""
     turns = user_turns(files, 10**9, every_turn=True)
     firsts = [turn for turn in turns if turn[1] == turn[0]]  # a first turn's prompt id is its conversation id
     tail = firsts[len(firsts) - heldout_conversations:]
@@ -80,12 +81,23 @@ def write_prompt_set(files: list[Path], out: Path, heldout_conversations: int) -
     for conversation, pid, text in turns:
         if conversation not in heldout and text.strip() not in seen:
             seen.add(text.strip())
-            train.append((pid, text))
+            train.append((conversation, pid, text))
     tail = [(pid, text) for _, pid, text in tail]
+    if multi_turn:
+        # One record per conversation holding its distinct user turns, each answered after the earlier ones (the
+        # empty assistant turns only separate them; generate regenerates every reply); in conversation order.
+        conversations: dict[str, list[str]] = {}
+        for conversation, _, text in train:
+            conversations.setdefault(conversation, []).append(text)
+        records = [{"id": cid, "messages": [m for text in texts for m in (
+            {"role": "user", "content": text}, {"role": "assistant", "content": ""})][:-1]}
+            for cid, texts in conversations.items()]
+    else:
+        records = [{"id": pid, "messages": [{"role": "user", "content": text}]} for _, pid, text in train]
     with open(out, "w", encoding="utf-8") as f:
-        for pid, text in train + tail:
-            f.write(json.dumps({"id": pid, "messages": [{"role": "user", "content": text}]}) + "\n")
-    return len(train)
+        for rec in records + [{"id": pid, "messages": [{"role": "user", "content": text}]} for pid, text in tail]:
+            f.write(json.dumps(rec) + "\n")
+    return len(records)
 
 
 @torch.inference_mode()
@@ -140,13 +152,15 @@ def main() -> None:
                         help="only write a prompt set from --prompts: every distinct user turn, the first turns of "
                              "the last --heldout-conversations conversations last (see write_prompt_set)")
     parser.add_argument("--heldout-conversations", type=int, default=484)
+    parser.add_argument("--multi-turn", action="store_true",
+                        help="--write-prompts: one record per conversation, its distinct user turns in order")
     # float32 by default: the eval judges the draft against the float32 target, so its greedy answers are the labels
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--shard-id", type=int, default=0)
     parser.add_argument("--num-shards", type=int, default=1)
     args = parser.parse_args()
     if args.write_prompts:
-        n = write_prompt_set(args.prompts, args.write_prompts, args.heldout_conversations)
+        n = write_prompt_set(args.prompts, args.write_prompts, args.heldout_conversations, args.multi_turn)
         print(f"{args.write_prompts}: {n} training prompts (N), then {args.heldout_conversations} held out")
         return
     if not (args.gguf and args.tokenizer_dir and args.model_out):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..formats import OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages
 from ..io import JsonlAppender, atomic_write_json, iter_jsonl, repair_jsonl_tail
+from . import synth
 from .client import ConversationFailed, SamplingConfig, regenerate
 from .inputs import InputRecord, iter_inputs, resolve_shard, shard_of
 
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="server_generate.py",
         description="Regenerate the assistant turns of a prompt dataset shard against an OpenAI-compatible server.",
     )
-    p.add_argument("--input", required=True, help=".jsonl/.json file, a directory of them, or a datasets name")
+    p.add_argument("--input", help=".jsonl/.json file, a directory of them, or a datasets name (all but with "
+                                   "--synthesize)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--model", required=True, help="model name as served")
     p.add_argument("--base-url", action="append", default=None,
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--check-done", action="store_true",
                    help="only report: exit 0 if this shard's done-marker exists, else 1 (needs no server)")
+    synth.add_server_arguments(p)
     return p
 
 
@@ -300,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--base-url is required (or set DFLASHKIT_BASE_URLS)")
         args.base_url = urls
     resolve_shard(p, args)
+    if (args.input is None) == (args.synthesize is None):
+        p.error("give --input (answer prompts) or --synthesize N (make prompts), not both")
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
     unknown = set(args.thinking_mode_map) - set(args.thinking_modes)
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_done:
         return EXIT_OK if ShardPaths.of(Path(args.output_dir), args.shard_id, args.num_shards).done.exists() else 1
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
+    if args.synthesize is not None:
+        return synth.synthesize_shard(args)
     try:
         return run_shard(args)
     except OSError as e:  # a full disk, a missing input: the shard cannot go on; one line, exit 1

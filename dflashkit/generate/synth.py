@@ -229,13 +229,15 @@ def synthesize_shard(args: argparse.Namespace) -> int:
         accepted = samples = 0
         try:
             while accepted < target and samples < limit:
-                wave = range(samples, min(limit, samples + args.concurrency))
+                wave = range(samples, min(limit, samples + args.concurrency, samples + 2 * (target - accepted)))
                 results = await asyncio.gather(*(
                     _sample(client, args, header, args.shard_id + k * args.num_shards) for k in wave))
-                samples += len(wave)
-                for sample, text, finish in results:
+                for sample, text, finish in results:  # in sample order, up to the target: samples are judged
+                    if accepted == target:
+                        break
+                    samples += 1
                     text = keep.accept(text, finish)
-                    if text is not None and accepted < target:
+                    if text is not None:
                         accepted += 1
                         sink.write(prompt_record(sample, text, args.model, args.synth_temperature, args.synth_top_p))
         finally:

@@ -112,3 +112,44 @@ def test_user_header_and_prompt_filter():
     assert keep.accept("Hi<|im_start|>assistant", "stop") is None
     assert keep.accept(" ".join(["spam", "eggs"] * 20), "stop") is None
     assert keep.rejected == {"duplicate": 2, "unfinished": 1, "length": 1, "special_token": 1, "repetitive": 1}
+
+
+def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
+    """The CLI end to end on CPU: a multi-turn record, a single-turn one and a bad one; the compact answers rebuild
+    the same shard from the prompt file."""
+    import json
+
+    from dflashkit.generate import answers, engine
+    from dflashkit.io import iter_jsonl
+
+    tok = AutoTokenizer.from_pretrained(model_dir())
+    model_path = tmp_path / "model"
+    tiny_llama(len(tok)).save_pretrained(model_path)
+    tok.save_pretrained(model_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "category": "x", "messages": [{"role": "user", "content": "Hi"},
+                                                   {"role": "assistant", "content": ""},
+                                                   {"role": "user", "content": "More?"}]},
+        {"id": "b", "messages": [{"role": "assistant", "content": "no user turn"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Why is the sky blue?"}]}]))
+    out = tmp_path / "gen"
+    assert engine.main(["--model", str(model_path), "--input", str(prompts), "--output-dir", str(out),
+                        "--dtype", "float32", "--slots", "2", "--max-tokens", "5", "--max-context", "128",
+                        "--chat-template", str(THINKING_TEMPLATE), "--thinking-modes", "enabled,disabled",
+                        "--model-name", "tiny"]) == 0
+    shard = out / "shard-00000-of-00001.jsonl"
+    records = {r["id"]: r for _, r in iter_jsonl(shard)}
+    assert sorted(records) == ["a", "c"]
+    assert [m["role"] for m in records["a"]["messages"]] == ["user", "assistant"] * 2
+    assert records["c"]["thinking_mode"] == "enabled" and records["a"]["generation"]["dtype"] == "float32"
+    errors = [r for _, r in iter_jsonl(out / "shard-00000-of-00001.errors.jsonl")]
+    assert [(e["id"], e["reason"]) for e in errors] == [("b", "no_user_turn")]
+    done = json.loads((out / "shard-00000-of-00001.done.json").read_text())
+    assert done["counts"] == {"input": 3, "written": 2, "skipped": 1, "errors": 0} and done["answer_tokens"] > 0
+
+    assert answers.main(["pack", str(shard), str(tmp_path / "a.jsonl.xz")]) == 0
+    assert answers.main(["unpack", str(tmp_path / "a.jsonl.xz"), "--prompts", str(prompts),
+                         "--output-dir", str(tmp_path / "back")]) == 0
+    back = [r for _, r in iter_jsonl(tmp_path / "back" / "shard-00000-of-00001.jsonl")]
+    assert sorted(back, key=lambda r: r["id"]) == sorted(records.values(), key=lambda r: r["id"])
