@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 
 from ..formats import ASSISTANT, SYSTEM, USER, Turn, normalize_conversation, to_output_messages
-from ..io import JsonlAppender, atomic_write_bytes, atomic_write_json, iter_jsonl
+from ..io import JsonlAppender, atomic_write_bytes, atomic_write_json, iter_jsonl, repair_jsonl_tail
 
 FORMAT = "dflashkit.answers/1"
 
 
 def pack(shard: Path, out: Path) -> int:
-    """Write the compact form of a generate shard; returns the number of conversations."""
+    """Write the compact form of a generate shard (a torn last line, left by a killed run, cut first); returns the
+    number of conversations."""
+    repair_jsonl_tail(shard)
     lines, header = [], None
     for _, rec in iter_jsonl(shard):
         gen = rec["generation"]
@@ -37,7 +39,7 @@ def pack(shard: Path, out: Path) -> int:
                       "kwargs": gen["chat_template_kwargs"], "answers": answers, "turns": gen["turns"],
                       "repairs": gen["repairs"]})
     text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in [header or {"format": FORMAT}, *lines])
-    atomic_write_bytes(out, lzma.compress(text.encode(), preset=9))
+    atomic_write_bytes(out, lzma.compress(text.encode()))
     return len(lines)
 
 

@@ -116,7 +116,8 @@ def make_filter(args: argparse.Namespace, tokenizer) -> PromptFilter:
 def write_done(paths: SynthPaths, args: argparse.Namespace, counts: dict, wall: float) -> None:
     atomic_write_json(paths.done, {"stage": "synthesize", "shard_id": args.shard_id, "num_shards": args.num_shards,
                                    "counts": counts, "wall_time_s": round(wall, 3),
-                                   "args": {k: v for k, v in vars(args).items() if k != "base_url"},
+                                   "args": {k: str(v) if isinstance(v, Path) else v
+                                            for k, v in vars(args).items() if k != "base_url"},
                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
