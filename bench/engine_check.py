@@ -93,9 +93,9 @@ def main() -> None:
         eos = eos_ids(model, tok)
         prompts = [renderer.ids(renderer.text(first_turn(r), {"thinking_mode": "adaptive"})) for r in records]
         name = str(dtype).split(".")[1]
-        ours, _ = engine_answers(model, eos, prompts[:32], 128, slots=8)
-        ref, _ = hf_answers(model, eos, prompts[:32], 128, batch=1)
-        say(f"{name}_equal_answers_of_32", sum(a == b for a, b in zip(ours, ref)))
+        ours, _ = engine_answers(model, eos, prompts[:12], 96, slots=8)
+        ref, _ = hf_answers(model, eos, prompts[:12], 96, batch=1)
+        say(f"{name}_equal_answers_of_12", sum(a == b for a, b in zip(ours, ref)))
         if dtype == torch.bfloat16:
             for slots in (256, 512, 1024):
                 for context in (512, 2048):
