@@ -7,7 +7,7 @@ continuous batching over a transformers Llama-family model, writing the generate
 Each of `--slots` sequences owns one row of a static KV cache of `--max-context` positions. A decode step advances
 every slot by one token; it is captured once per context bucket (the longest live sequence rounded up to `--bucket`)
 as a CUDA graph, so a step is a single replay. A slot whose answer ends is refilled from the queue at the next refill
-(prefills are batched, done when a slot in eight is free), not when the whole batch ends. Conversations are answered
+(prefills are batched, done when a slot in sixteen is free), not when the whole batch ends. Conversations are answered
 turn by turn like `server_generate.py`: turn k's prompt is the chat template rendered over the turns before it, the
 model's own earlier answers included. Only the decoder's attention is ours; embeddings, norms, rotary tables and MLPs
 are the transformers modules themselves, so the unit test can hold this loop to `generate()` token for token in
@@ -114,7 +114,9 @@ class SlotDecoder:
             q, k = self.rope(q, k, cos, sin)
             k_cache[rows, :, :width] = k
             v_cache[rows, :, :width] = v
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=True)
+            # K/V repeated per query head: plain causal attention, which the flash kernel takes.
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=1) for t in (k, v))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling)
             h = h + attn.o_proj(o.transpose(1, 2).reshape(n, width, -1))
             h = h + block.mlp(block.post_attention_layernorm(h))
         last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
@@ -201,7 +203,7 @@ class Engine:
             on_done(request, answer[slot, :n].tolist(), reason)
 
         while queue or len(free) < slots:
-            if queue and (len(free) >= max(1, slots // 8) or len(free) == slots):
+            if queue and (len(free) >= max(1, slots // 16) or len(free) == slots):
                 taken = []
                 while queue and len(taken) < len(free):
                     request = queue.popleft()
@@ -355,8 +357,9 @@ def eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def read_conversations(args: argparse.Namespace, errors: JsonlAppender) -> tuple[list[Conversation], int]:
-    """This shard's conversations, and the number of input records it holds (skipped ones included)."""
+def read_conversations(args: argparse.Namespace, errors: JsonlAppender, already: set[str]
+                       ) -> tuple[list[Conversation], int]:
+    """This shard's conversations not `already` written, and the number of input records the shard holds."""
     from .inputs import iter_inputs, shard_of
 
     out, inputs = [], 0
@@ -366,6 +369,8 @@ def read_conversations(args: argparse.Namespace, errors: JsonlAppender) -> tuple
         if shard_of(rec.index, args.num_shards) != args.shard_id:
             continue
         inputs += 1
+        if rec.id in already:
+            continue
         try:
             if rec.error is not None:
                 raise rec.error
@@ -380,6 +385,16 @@ def read_conversations(args: argparse.Namespace, errors: JsonlAppender) -> tuple
         kwargs = dict(args.chat_template_kwargs, **({args.thinking_mode_key: mode} if mode else {}))
         out.append(Conversation(rec, skeleton, repairs, mode, kwargs))
     return out, inputs
+
+
+def written_ids(path: Path) -> set[str]:
+    """Ids already in a shard file, its torn last line (a killed run) cut first."""
+    from ..io import iter_jsonl, repair_jsonl_tail
+
+    if not path.exists():
+        return set()
+    repair_jsonl_tail(path)
+    return {rec["id"] for _, rec in iter_jsonl(path)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -433,9 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s exists; nothing to do", done)
         return 0
     t0 = time.time()
-    with JsonlAppender(f"{base}.errors.jsonl", truncate=True) as errors, \
-            JsonlAppender(f"{base}.jsonl", truncate=True) as sink:
-        conversations, inputs = read_conversations(args, errors)
+    already = written_ids(Path(f"{base}.jsonl"))  # a rerun answers only the rest, like server_generate.py
+    if already:
+        log.info("resuming: %d conversations already in %s.jsonl", len(already), base)
+    with JsonlAppender(f"{base}.errors.jsonl", truncate=True) as errors, JsonlAppender(f"{base}.jsonl") as sink:
+        conversations, inputs = read_conversations(args, errors, already)
         engine = Engine(decoder, eos_ids(model, tokenizer))
         tokens = {"prompt": 0, "completion": 0}
 
@@ -446,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
 
         answer_conversations(engine, renderer, conversations, args.max_tokens, write)
     wall = time.time() - t0
-    counts = {"input": inputs, "written": len(conversations), "skipped": inputs - len(conversations), "errors": 0}
+    written = len(already) + len(conversations)
+    counts = {"input": inputs, "written": written, "skipped": inputs - written, "errors": 0}
     summary = {"counts": counts, "tokens": tokens, "answer_tokens": engine.answer_tokens,
                "answer_tokens_per_s": round(engine.answer_tokens / wall, 1)}
     atomic_write_json(done, {"stage": "generate", "shard_id": args.shard_id, "num_shards": args.num_shards,

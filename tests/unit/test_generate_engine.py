@@ -148,6 +148,17 @@ def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
     done = json.loads((out / "shard-00000-of-00001.done.json").read_text())
     assert done["counts"] == {"input": 3, "written": 2, "skipped": 1, "errors": 0} and done["answer_tokens"] > 0
 
+    # A rerun after a kill answers only what the shard file lacks.
+    first = shard.read_text().splitlines(keepends=True)[0]
+    shard.write_text(first + '{"id": "torn')
+    (out / "shard-00000-of-00001.done.json").unlink()
+    assert engine.main(["--model", str(model_path), "--input", str(prompts), "--output-dir", str(out),
+                        "--dtype", "float32", "--slots", "2", "--max-tokens", "5", "--max-context", "128",
+                        "--chat-template", str(THINKING_TEMPLATE), "--thinking-modes", "enabled,disabled",
+                        "--model-name", "tiny"]) == 0
+    assert shard.read_text().startswith(first) and {r["id"]: r for _, r in iter_jsonl(shard)} == records
+    assert json.loads((out / "shard-00000-of-00001.done.json").read_text())["counts"]["written"] == 2
+
     assert answers.main(["pack", str(shard), str(tmp_path / "a.jsonl.xz")]) == 0
     assert answers.main(["unpack", str(tmp_path / "a.jsonl.xz"), "--prompts", str(prompts),
                          "--output-dir", str(tmp_path / "back")]) == 0
