@@ -74,7 +74,7 @@ def unpack(answers: Path, prompts: str, output_dir: Path, system_prompt: str | N
             row = rows.get(rec.id)
             if row is None or rec.error is not None:
                 continue
-            skeleton, repairs = normalize_conversation(rec.record)
+            skeleton, _ = normalize_conversation(rec.record)  # the repairs are in the answers
             if system_prompt and skeleton[0].role != SYSTEM:
                 skeleton.insert(0, Turn(SYSTEM, system_prompt))
             if row["index"] != rec.index:

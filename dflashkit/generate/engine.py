@@ -22,14 +22,23 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..formats import ASSISTANT, OUTPUT_KEY, SYSTEM, USER, BadRecord, Turn, normalize_conversation, to_output_messages
+from ..formats import (
+    ASSISTANT,
+    SYSTEM,
+    USER,
+    BadRecord,
+    Turn,
+    normalize_conversation,
+    to_output_messages,
+)
 from ..io import JsonlAppender, atomic_write_json
 
 log = logging.getLogger("dflashkit.generate.engine")
@@ -312,8 +321,9 @@ def conversation_record(c: Conversation, model: str, dtype: str) -> dict:
 
 
 def answer_conversations(engine: Engine, renderer: Renderer, conversations: list[Conversation], max_tokens: int,
-                         write: Callable[[Conversation], None]) -> None:
-    """Answer every user turn of every conversation, turn by turn; `write` gets each finished conversation."""
+                         write: Callable[[Conversation], None], fail: Callable[[Conversation, str], None]) -> None:
+    """Answer every user turn of every conversation, turn by turn; `write` gets each finished conversation, `fail`
+    one whose first prompt is over the context (with the reason), as the server would refuse it."""
 
     def request(c: Conversation) -> Request:
         messages = [{"role": t.role, "content": t.content} for t in c.turns]
@@ -321,6 +331,8 @@ def answer_conversations(engine: Engine, renderer: Renderer, conversations: list
 
     def on_done(req: Request, tokens: list[int], reason: str) -> None:
         c = req.key
+        if reason == "too_long" and not c.stats:
+            return fail(c, f"the first prompt ({len(req.prompt)} tokens) is over --max-context")
         if reason == "too_long":  # the server would refuse the request: the conversation ends before this turn
             c.turns.pop()
             c.repairs.append(f"user turns from {len(c.stats) + 1} on dropped: the prompt is over the context")
@@ -461,10 +473,17 @@ def main(argv: list[str] | None = None) -> int:
             tokens["prompt"] += sum(s["prompt_tokens"] for s in c.stats)
             tokens["completion"] += sum(s["completion_tokens"] for s in c.stats)
 
-        answer_conversations(engine, renderer, conversations, args.max_tokens, write)
+        failed = []
+
+        def fail(c: Conversation, detail: str) -> None:
+            failed.append(c)
+            errors.write({"id": c.rec.id, "index": c.rec.index, "source": c.rec.source, "stage": "generate",
+                          "kind": "error", "reason": "context_length", "detail": detail})
+
+        answer_conversations(engine, renderer, conversations, args.max_tokens, write, fail)
     wall = time.time() - t0
-    written = len(already) + len(conversations)
-    counts = {"input": inputs, "written": written, "skipped": inputs - written, "errors": 0}
+    written = len(already) + len(conversations) - len(failed)
+    counts = {"input": inputs, "written": written, "skipped": inputs - written - len(failed), "errors": len(failed)}
     summary = {"counts": counts, "tokens": tokens, "answer_tokens": engine.answer_tokens,
                "answer_tokens_per_s": round(engine.answer_tokens / wall, 1)}
     atomic_write_json(done, {"stage": "generate", "shard_id": args.shard_id, "num_shards": args.num_shards,

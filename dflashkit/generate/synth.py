@@ -19,8 +19,8 @@ import dataclasses
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..io import JsonlAppender, atomic_write_json
 
@@ -81,7 +81,7 @@ class SynthPaths:
     done: Path
 
     @classmethod
-    def of(cls, out_dir: Path, shard_id: int, num_shards: int) -> "SynthPaths":
+    def of(cls, out_dir: Path, shard_id: int, num_shards: int) -> SynthPaths:
         name = f"shard-{shard_id:05d}-of-{num_shards:05d}"
         return cls(Path(out_dir) / "prompts" / f"{name}.jsonl", Path(out_dir) / f"{name}.done.json")
 

@@ -3,20 +3,27 @@ greedy tokens in float32, and the prompt synthesis keeps only finished, new prom
 from __future__ import annotations
 
 import collections
-import types
 
 import pytest
 import torch
+from conftest import THINKING_TEMPLATE
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dflashkit.formats import USER, Turn
-from dflashkit.generate.engine import (Conversation, Engine, Renderer, Request, Sampling, SlotDecoder,
-                                       answer_conversations, conversation_record, pick)
+from dflashkit.generate.engine import (
+    Conversation,
+    Engine,
+    Renderer,
+    Request,
+    Sampling,
+    SlotDecoder,
+    answer_conversations,
+    conversation_record,
+    pick,
+)
 from dflashkit.generate.inputs import InputRecord
 from dflashkit.generate.synth import PromptFilter, user_header
 from dflashkit.prepare import model_dir
-
-from conftest import THINKING_TEMPLATE
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
@@ -78,7 +85,7 @@ def test_multi_turn_prompts_hold_the_models_own_answers():
     convo = Conversation(rec, skeleton, [], "adaptive", kwargs)
     written = []
     engine = Engine(SlotDecoder(model, 2, 256, bucket=64), {tok.convert_tokens_to_ids("<|im_end|>")})
-    answer_conversations(engine, renderer, [convo], 6, written.append)
+    answer_conversations(engine, renderer, [convo], 6, written.append, lambda c, why: pytest.fail(why))
     assert written == [convo]
     out = conversation_record(convo, "tiny", "float32")
     messages = out["messages"]
@@ -132,7 +139,8 @@ def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
                                                    {"role": "assistant", "content": ""},
                                                    {"role": "user", "content": "More?"}]},
         {"id": "b", "messages": [{"role": "assistant", "content": "no user turn"}]},
-        {"id": "c", "conversations": [{"from": "human", "value": "Why is the sky blue?"}]}]))
+        {"id": "c", "conversations": [{"from": "human", "value": "Why is the sky blue?"}]},
+        {"id": "d", "messages": [{"role": "user", "content": "word " * 200}]}]))
     out = tmp_path / "gen"
     assert engine.main(["--model", str(model_path), "--input", str(prompts), "--output-dir", str(out),
                         "--dtype", "float32", "--slots", "2", "--max-tokens", "5", "--max-context", "128",
@@ -144,9 +152,10 @@ def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
     assert [m["role"] for m in records["a"]["messages"]] == ["user", "assistant"] * 2
     assert records["c"]["thinking_mode"] == "enabled" and records["a"]["generation"]["dtype"] == "float32"
     errors = [r for _, r in iter_jsonl(out / "shard-00000-of-00001.errors.jsonl")]
-    assert [(e["id"], e["reason"]) for e in errors] == [("b", "no_user_turn")]
+    assert [(e["id"], e["kind"], e["reason"]) for e in errors] == [("b", "skipped", "no_user_turn"),
+                                                                    ("d", "error", "context_length")]
     done = json.loads((out / "shard-00000-of-00001.done.json").read_text())
-    assert done["counts"] == {"input": 3, "written": 2, "skipped": 1, "errors": 0} and done["answer_tokens"] > 0
+    assert done["counts"] == {"input": 4, "written": 2, "skipped": 1, "errors": 1} and done["answer_tokens"] > 0
 
     # A rerun after a kill answers only what the shard file lacks.
     first = shard.read_text().splitlines(keepends=True)[0]
