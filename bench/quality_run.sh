@@ -7,6 +7,9 @@
 #
 # GPUS: the cards to spread generation, dump and eval over; training runs data-parallel (torchrun) on all of them.
 # STAGES picks stages (default: "gen dump train eval"); TRAIN_ARGS adds dotted overrides; EVAL_ARGS adds eval flags.
+# GEN=engine answers with the GPU data engine (python -m dflashkit.generate.engine: bf16, multi-turn prompt records
+# answered turn by turn, GEN_SLOTS slots, default 1024) instead of HF generate (float32, first turns); the eval's
+# target then runs in the answers' dtype (EVAL_DTYPE, default bfloat16 with the engine, float32 without).
 # RUN (default $W) is the folder of this run's training, draft, eval and timings; the answers, the dump and the
 # converted model stay in $W, so several runs can train on one dump (bench/train_variants.sh).
 # The eval runs one process per card on a slice of MT-Bench (plus one on the held-out prompts) and merges them into
@@ -14,6 +17,7 @@
 set -euo pipefail
 : "${W:?}" "${GGUF:?}" "${TOK:?}" "${PROMPTS:?}" "${N:?}"
 GPUS=${GPUS:-0}; STAGES=${STAGES:-gen dump train eval}; DUMPS_PER_GPU=${DUMPS_PER_GPU:-4}; RUN=${RUN:-$W}
+GEN=${GEN:-hf}; EVAL_DTYPE=${EVAL_DTYPE:-$([[ $GEN == engine ]] && echo bfloat16 || echo float32)}
 read -r -a gpus <<<"$GPUS"
 read -r -a train_args <<<"${TRAIN_ARGS:-}"
 read -r -a eval_args <<<"${EVAL_ARGS:-}"
@@ -33,12 +37,19 @@ python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" --promp
 if [[ " $STAGES " == *" gen "* ]]; then
     stamp gen-start; pids=()
     for i in "${!gpus[@]}"; do
+        if [[ $GEN == engine ]]; then
+            on_gpu "${gpus[$i]}" python -m dflashkit.generate.engine --model "$W/smollm2" --input "$PROMPTS" \
+                --max-conversations "$N" --output-dir "$W/gen" --shard-id "$i" --num-shards "${#gpus[@]}" \
+                --dtype bfloat16 --chat-template configs/templates/smollm2-thinking.jinja --thinking-modes adaptive \
+                --max-tokens 256 --slots "${GEN_SLOTS:-1024}" > "$W/gen-$i.log" 2>&1 &
+            pids+=($!); continue
+        fi
         on_gpu "${gpus[$i]}" python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" \
             --prompts "$PROMPTS" --num-prompts "$N" --model-out "$W/smollm2" --out "$W/gen/part-$i.jsonl" \
             --shard-id "$i" --num-shards "${#gpus[@]}" --batch-size "${GEN_BATCH:-512}" > "$W/gen-$i.log" 2>&1 &
         pids+=($!)
     done
-    run_all "${pids[@]}"; stamp gen-end "$(cat "$W"/gen/part-*.jsonl | wc -l) answers"
+    run_all "${pids[@]}"; stamp gen-end "$(cat "$W"/gen/part-*.jsonl "$W"/gen/shard-*[0-9].jsonl 2> /dev/null | wc -l) answers"
 fi
 
 if [[ " $STAGES " == *" dump "* ]]; then
@@ -67,7 +78,7 @@ if [[ " $STAGES " == *" eval "* ]]; then
         > "$RUN/export.log" 2>&1
     evaluate() {  # evaluate NAME GPU FLAGS...: one eval process in the background
         on_gpu "$2" python -m dflashkit.cli eval --draft "$RUN/draft" --target "$W/smollm2" --out "$RUN/eval/$1" \
-            --max-new-tokens 256 --dtype float32 --skip-lossless "${@:3}" "${eval_args[@]}" > "$RUN/eval-$1.log" 2>&1 &
+            --max-new-tokens 256 --dtype "$EVAL_DTYPE" --skip-lossless "${@:3}" "${eval_args[@]}" > "$RUN/eval-$1.log" 2>&1 &
         pids+=($!)
     }
     pids=(); n=${#gpus[@]}
