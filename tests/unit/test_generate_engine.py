@@ -173,3 +173,30 @@ def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
                          "--output-dir", str(tmp_path / "back")]) == 0
     back = [r for _, r in iter_jsonl(tmp_path / "back" / "shard-00000-of-00001.jsonl")]
     assert sorted(back, key=lambda r: r["id"]) == sorted(records.values(), key=lambda r: r["id"])
+
+
+def test_multi_turn_prompt_set_keeps_each_distinct_user_turn_once(tmp_path):
+    """bench/train_smollm2_data.py --write-prompts --multi-turn: one record per conversation with its distinct turns
+    (separated by empty assistant turns), the held-out first turns last; the same turns as the one-per-turn set."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from dflashkit.formats import normalize_conversation
+
+    spec = importlib.util.spec_from_file_location(
+        "train_smollm2_data", Path(__file__).resolve().parents[2] / "bench" / "train_smollm2_data.py")
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
+
+    def convo(cid, *users):
+        return {"id": cid, "conversations": [t for u in users for t in ({"from": "human", "value": u},
+                                                                         {"from": "gpt", "value": "old"})]}
+    src = tmp_path / "sharegpt.jsonl"
+    src.write_text("".join(json.dumps(c) + "\n" for c in [
+        convo("a", "one", "two"), convo("b", "one", "three", "two"), convo("c", "four"), convo("h", "held")]))
+    assert data.write_prompt_set([src], tmp_path / "multi.jsonl", 1, multi_turn=True) == 3
+    records = [json.loads(line) for line in (tmp_path / "multi.jsonl").read_text().splitlines()]
+    users = [[t.content for t in normalize_conversation(r)[0]] for r in records]
+    assert [r["id"] for r in records] == ["a", "b", "c", "h"] and users == [["one", "two"], ["three"], ["four"], ["held"]]
+    assert data.write_prompt_set([src], tmp_path / "single.jsonl", 1) == 4  # the same 4 training turns, one a record
