@@ -225,14 +225,15 @@ def synthesize_shard(args: argparse.Namespace) -> int:
     keep = make_filter(args, tokenizer)
 
     async def run(sink: JsonlAppender) -> dict:
-        client = openai.AsyncOpenAI(base_url=args.base_url[0], api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                                    max_retries=args.max_retries)
+        key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        clients = [openai.AsyncOpenAI(base_url=u, api_key=key, max_retries=args.max_retries) for u in args.base_url]
         accepted = samples = 0
         try:
             while accepted < target and samples < limit:
                 wave = range(samples, min(limit, samples + args.concurrency, samples + 2 * (target - accepted)))
-                results = await asyncio.gather(*(
-                    _sample(client, args, header, args.shard_id + k * args.num_shards) for k in wave))
+                results = await asyncio.gather(*(  # spread over the servers by position, as generate does
+                    _sample(clients[k % len(clients)], args, header, args.shard_id + k * args.num_shards)
+                    for k in wave))
                 for sample, text, finish in results:  # in sample order, up to the target: samples are judged
                     if accepted == target:
                         break
@@ -242,7 +243,8 @@ def synthesize_shard(args: argparse.Namespace) -> int:
                         accepted += 1
                         sink.write(prompt_record(sample, text, args.model, args.synth_temperature, args.synth_top_p))
         finally:
-            await client.close()
+            for client in clients:
+                await client.close()
         return {"accepted": accepted, "samples": samples, "rejected": dict(keep.rejected)}
 
     t0 = time.time()
