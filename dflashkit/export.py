@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dflashkit.model import DFlashConfig, DFlashDraft
+from dflashkit.model import DFlashConfig, DFlashDraft, config_from_dict, kind_of
 from dflashkit.model.target import read_target_config
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,16 @@ def read_draft(path: str | Path) -> tuple[DFlashConfig, dict[str, torch.Tensor]]
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
-    return DFlashConfig.from_json(path / CONFIG), load_file(path / WEIGHTS)
+    with open(path / CONFIG, encoding="utf-8") as f:
+        return config_from_dict(json.load(f)), load_file(path / WEIGHTS)
 
 
 def load_draft(path: str | Path, dtype: torch.dtype | None = None) -> DFlashDraft:
-    """The draft module of a checkpoint or an exported folder, weights checked against its config."""
+    """The draft module (DFlashDraft or DSparkDraft, as its config says) of a checkpoint or an exported folder,
+    weights checked against its config."""
     cfg, state = read_draft(path)
     check_weights(cfg, state)
-    model = DFlashDraft(cfg)
+    model = kind_of(cfg).model(cfg)
     model.load_state_dict(state, strict=True)
     return model.to(dtype) if dtype is not None else model
 
@@ -80,7 +82,7 @@ def load_draft(path: str | Path, dtype: torch.dtype | None = None) -> DFlashDraf
 
 def expected_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in DFlashDraft(cfg).state_dict().items()}
+        return {name: tuple(t.shape) for name, t in kind_of(cfg).model(cfg).state_dict().items()}
 
 
 def check_weights(cfg: DFlashConfig, state: dict[str, torch.Tensor]) -> None:
@@ -169,7 +171,7 @@ def export_draft(cfg: DFlashConfig, state: dict[str, torch.Tensor], target_dir: 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     config = cfg.to_dict()
-    DFlashConfig.from_dict(config)  # what we write must read back
+    type(cfg).from_dict(config)  # what we write must read back
     tensors = {name: (t.to(dtype) if dtype is not None else t).contiguous() for name, t in state.items()}
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
 
@@ -199,11 +201,14 @@ def export_draft(cfg: DFlashConfig, state: dict[str, torch.Tensor], target_dir: 
     return out
 
 
-def serve_hints(out: Path, target_dir: str | Path, block_size: int) -> str:
-    spec = json.dumps({"method": "dflash", "model": str(out), "num_speculative_tokens": block_size - 1})
+def serve_hints(out: Path, target_dir: str | Path, cfg: DFlashConfig) -> str:
+    kind = kind_of(cfg)
+    spec = json.dumps({"method": kind.vllm_method, "model": str(out),
+                       "num_speculative_tokens": kind.model.num_drafts(cfg.block_size)})
     return (f"vLLM:   vllm serve {target_dir} --speculative-config '{spec}'\n"
-            f"SGLang: python -m sglang.launch_server --model-path {target_dir} --speculative-algorithm DFLASH "
-            f"--speculative-draft-model-path {out} --speculative-num-draft-tokens {block_size}")
+            f"SGLang: python -m sglang.launch_server --model-path {target_dir} --speculative-algorithm "
+            f"{kind.sglang_algorithm} --speculative-draft-model-path {out} --speculative-num-draft-tokens "
+            f"{cfg.block_size}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,5 +237,5 @@ def main(argv: list[str] | None = None) -> int:
     except (DraftMismatch, FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("export failed: %s", e)
         return 2
-    print(serve_hints(out, args.target, cfg.block_size))
+    print(serve_hints(out, args.target, cfg))
     return 0

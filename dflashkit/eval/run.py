@@ -124,6 +124,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dflashkit.export import load_draft, resolve_checkpoint
+    from dflashkit.model import kind_of
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +149,7 @@ def evaluate(args: argparse.Namespace) -> int:
     draft_dir = resolve_checkpoint(args.draft)
     draft = load_draft(draft_dir).to(device=target.get_output_embeddings().weight.device)
     decoder = SpeculativeDecoder(target, draft, args.block_size)
-    drafted = decoder.block_size - 1
+    drafted = decoder.num_drafts
     eos = eos_token_ids(target, tokenizer)
 
     greedy = run_ours(decoder, prompts, args.max_new_tokens, 0.0, eos, args.seed)
@@ -166,7 +167,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.vllm:
         from dflashkit.serve import running_server, split_extra_args
 
-        spec = json.dumps({"method": "dflash", "model": str(draft_dir), "num_speculative_tokens": drafted})
+        spec = json.dumps({"method": kind_of(draft.config).vllm_method, "model": str(draft_dir),
+                           "num_speculative_tokens": drafted})
         extra = ["--speculative-config", spec, *split_extra_args(args.vllm_extra_args)]
         with running_server("vllm", args.target, "eval-target", out / "vllm-server.log", extra_args=extra,
                             timeout=args.vllm_startup_timeout) as server:

@@ -1,17 +1,19 @@
-"""Our speculative-decoding loop: an HF target verifies the blocks a DFlash draft proposes, one request at a time.
+"""Our speculative-decoding loop: an HF target verifies the blocks a draft proposes, one request at a time.
 
 One step, as vLLM runs it. The target has processed every token but the last emitted one, the anchor at position p;
 its hidden states at the draft's target layers are known for positions 0..p-1 (the draft's context). The draft reads
-that context and the block `[anchor, mask x (B-1)]` at positions p..p+B-1 and proposes d_1..d_{B-1} in one pass. The
-target runs the anchor and the drafts in one forward, accepts the longest prefix it agrees with, and adds one token
+that context and the block `[anchor, mask x (B-1)]` at positions p..p+B-1 and proposes K tokens: a DFlash draft
+d_1..d_{B-1} in one pass (K = B-1); a DSpark draft d_1..d_B (K = B), its backbone in one pass and then its Markov
+head left to right, each draft's bias from the one before (`DSparkDraft.propose`). The target runs the anchor and
+the drafts in one forward, accepts the longest prefix it agrees with, and adds one token
 of its own: each step emits `accepted + 1` tokens for one target forward. The step's new hidden states (anchor and
 accepted drafts) extend the context; the KV cache is cut back to them.
 
 Acceptance (`speculative_step`): at temperature 0 a draft is accepted while it equals the target's argmax; otherwise
 the standard rule (Leviathan et al., Chen et al.): accept d_k with probability min(1, p_k(d_k) / q_k(d_k)), else draw
 from normalize(max(p_k - q_k, 0)) and stop; after B-1 acceptances draw one more token from p_B. The output then has
-the target's distribution exactly. DFlash drafts every position in parallel, so q_k does not depend on d_1..d_{k-1};
-the rule needs no more than that q_k was fixed before d_k was drawn.
+the target's distribution exactly. The rule needs no more than that q_k was fixed before d_k was drawn (DFlash's q_k
+does not depend on d_1..d_{k-1}; DSpark's does, through the Markov bias, and is computed before d_k is drawn).
 
 Counting follows vLLM's metrics: `accepted` per verify step is what the rejection rule gives, before the output is cut
 at EOS or at max_new_tokens, and the prefill (which drafts nothing) is not a step.
@@ -24,7 +26,7 @@ import torch
 
 from dflashkit.dump.layers import hf_hidden_states_index
 from dflashkit.model import DFlashDraft
-from dflashkit.model.masks import block_inputs, dense_mask, training_mask
+from dflashkit.model.masks import block_inputs, dense_mask, previous_tokens, training_mask
 
 
 @dataclasses.dataclass
@@ -66,8 +68,8 @@ def speculative_step(target_logits: torch.Tensor, draft_logits: torch.Tensor, dr
 
 
 class SpeculativeDecoder:
-    """An HF causal LM as the target, a DFlash draft reading its hidden states. `block_size` may be smaller than the
-    draft's (fewer drafted tokens per step), never larger."""
+    """An HF causal LM as the target, a draft (DFlash or DSpark) reading its hidden states. `block_size` may be smaller
+    than the draft's (fewer drafted tokens per step), never larger."""
 
     def __init__(self, target, draft: DFlashDraft, block_size: int | None = None):
         cfg = draft.config
@@ -75,6 +77,7 @@ class SpeculativeDecoder:
         self.block_size = block_size or cfg.block_size
         if not 2 <= self.block_size <= cfg.block_size:
             raise ValueError(f"block_size {self.block_size}: must be in [2, {cfg.block_size}] for this draft")
+        self.num_drafts = draft.num_drafts(self.block_size)  # drafted tokens per verify step
         self.mask_token_id = cfg.mask_token_id
         self.layer_index = [hf_hidden_states_index(k) for k in cfg.target_layer_ids]
         self.embed = target.get_input_embeddings()
@@ -92,16 +95,16 @@ class SpeculativeDecoder:
         features = torch.cat([out.hidden_states[i][0] for i in self.layer_index], dim=-1)
         return out.logits[0].float(), features
 
-    def _draft(self, context: torch.Tensor, anchor: int) -> torch.Tensor:
-        """Draft logits [B-1, V] for the block after `anchor`, whose position is len(context)."""
+    def _draft(self, context: torch.Tensor, anchor: int, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft logits [K, V], drafts [K]) for the block after `anchor`, whose position is len(context); `pick`
+        turns a row of logits into a token."""
         pos = context.shape[0]
         block = torch.full((self.block_size,), self.mask_token_id, device=self.device)
         block[0] = anchor
         block_pos = torch.arange(pos, pos + self.block_size, device=self.device)[None]
         mask = dense_mask(torch.tensor([[pos]], device=self.device), pos, self.block_size)
-        hidden = self.draft(context[None], self.embed(block)[None], torch.arange(pos, device=self.device)[None],
-                            block_pos, mask)
-        return (hidden[0, 1:] @ self.lm_head.T.to(hidden.dtype)).float()
+        inputs = (context[None], self.embed(block)[None], torch.arange(pos, device=self.device)[None], block_pos, mask)
+        return self.draft.propose(inputs, anchor, self.lm_head, pick)
 
     def _pick(self, logits: torch.Tensor, temperature: float, generator) -> torch.Tensor:
         if temperature == 0:
@@ -120,8 +123,7 @@ class SpeculativeDecoder:
         accepted: list[int] = []
         while len(output) < max_new_tokens and output[-1] not in eos_token_ids:
             anchor = output[-1]
-            draft_logits = self._draft(context, anchor)
-            drafts = self._pick(draft_logits, temperature, generator)
+            draft_logits, drafts = self._draft(context, anchor, lambda row: self._pick(row, temperature, generator))
             verify_logits, verify_features = self._target(
                 torch.cat([torch.tensor([anchor], device=self.device), drafts]), cache)
             a, bonus = speculative_step(verify_logits, draft_logits, drafts, temperature, generator)
@@ -141,18 +143,19 @@ class SpeculativeDecoder:
 
     @torch.inference_mode()
     def every_anchor_logits(self, ids: list[int], anchors: torch.Tensor) -> torch.Tensor:
-        """Draft logits [N, B-1, V] for the blocks at `anchors` [N] (sorted positions) of the finished sequence `ids`,
+        """Draft logits [N, K, V] for the blocks at `anchors` [N] (sorted positions) of the finished sequence `ids`,
         computed as training does: context features from one target pass over the whole sequence, every block in one
-        pass under the training mask. Equal to what the loop drafts at those anchors (tests/unit/test_eval_spec.py)."""
+        pass under the training mask, DSpark's Markov bias from the sequence's own previous tokens. Equal to what the
+        loop drafts at those anchors, for DSpark along each step's accepted prefix (tests/unit/test_eval_spec.py)."""
         seq = torch.tensor(ids, device=self.device)[None]
         states = self.target(input_ids=seq, output_hidden_states=True).hidden_states
         features = torch.cat([states[i] for i in self.layer_index], dim=-1)
         anchors = anchors.to(self.device)[None]
         block_ids, block_pos = block_inputs(seq, anchors, self.block_size, self.mask_token_id)
         mask = training_mask(anchors, seq.shape[1], self.block_size, "sdpa")
-        hidden = self.draft(features, self.embed(block_ids), torch.arange(seq.shape[1], device=self.device)[None],
-                            block_pos, mask)
-        return (hidden @ self.lm_head.T.to(hidden.dtype)).float().view(anchors.shape[1], self.block_size, -1)[:, 1:]
+        inputs = (features, self.embed(block_ids), torch.arange(seq.shape[1], device=self.device)[None], block_pos, mask)
+        previous = previous_tokens(seq, anchors, self.block_size)
+        return self.draft.teacher_forced_logits(inputs, previous, self.lm_head, self.block_size)[0]
 
     @torch.inference_mode()
     def generate_target_only(self, prompt_ids: list[int], max_new_tokens: int,

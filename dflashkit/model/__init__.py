@@ -1,6 +1,10 @@
-"""The DFlash draft model: its config (the config.json contract), modules, masks, and the target's frozen head."""
+"""The draft models (DFlash, DSpark): their configs (the config.json contract), modules, masks, the kinds table,
+and the target's frozen head."""
 from dflashkit.model.config import DFlashConfig
 from dflashkit.model.draft import DFlashDraft
+from dflashkit.model.dspark import DSparkConfig, DSparkDraft
+from dflashkit.model.kinds import KINDS, DraftKind, config_from_dict, kind_of, kind_of_config
 from dflashkit.model.target import TargetHead
 
-__all__ = ["DFlashConfig", "DFlashDraft", "TargetHead"]
+__all__ = ["DFlashConfig", "DFlashDraft", "DSparkConfig", "DSparkDraft", "KINDS", "DraftKind", "config_from_dict",
+           "kind_of", "kind_of_config", "TargetHead"]

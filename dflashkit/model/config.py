@@ -29,6 +29,9 @@ ARCHITECTURE = "DFlashDraftModel"
 
 @dataclass
 class DFlashConfig:
+    architecture = ARCHITECTURE  # the `architectures` entry of config.json (class attributes, not fields)
+    kind_label = "DFlash"
+
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -81,8 +84,8 @@ class DFlashConfig:
     @classmethod
     def from_dict(cls, data: dict) -> DFlashConfig:
         data = copy.deepcopy(data)
-        if data.get("architectures", [ARCHITECTURE]) != [ARCHITECTURE]:
-            raise ValueError(f"architectures {data['architectures']}: not a DFlash draft ({ARCHITECTURE})")
+        if data.get("architectures", [cls.architecture]) != [cls.architecture]:
+            raise ValueError(f"architectures {data['architectures']}: not a {cls.kind_label} draft ({cls.architecture})")
         dflash = data.pop("dflash_config", None) or {}
         for key in ("mask_token_id", "target_layer_ids"):
             if key not in dflash:
@@ -118,7 +121,7 @@ class DFlashConfig:
         return cls(**kwargs, extra=data, dflash_extra=dflash)
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": self.model_type}
+        out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
         dflash = {"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)}
         for key, value in self.dflash_extra.items():
             dflash[key] = self.block_size if key == "block_size" else copy.deepcopy(value)

@@ -156,3 +156,25 @@ class DFlashDraft(nn.Module):
         for layer in self.layers:
             x = layer(x, context, rope_block, rope_context, mask)
         return self.norm(x)
+
+    # -- drafting: what differs between draft kinds (dspark.py overrides these) ---------------------------------
+
+    @staticmethod
+    def num_drafts(block_size: int) -> int:
+        """Tokens a block of `block_size` slots drafts: slot 0 is the given anchor, slot k predicts x[a+k]."""
+        return block_size - 1
+
+    def teacher_forced_logits(self, inputs: tuple, previous_ids: torch.Tensor, lm_head: torch.Tensor,
+                              block_size: int) -> torch.Tensor:
+        """[b, N, B-1, V]: every block's draft logits in one pass, as training computes them. `inputs` are forward's
+        arguments; `previous_ids` (the true token before each slot's prediction) is unused: DFlash slots draft
+        independently."""
+        hidden = self(*inputs)
+        logits = (hidden @ lm_head.T.to(hidden.dtype)).float()
+        return logits.view(logits.shape[0], -1, block_size, logits.shape[-1])[:, :, 1:]
+
+    def propose(self, inputs: tuple, anchor: int, lm_head: torch.Tensor, pick) -> tuple[torch.Tensor, torch.Tensor]:
+        """One served block (forward's `inputs` for one block): (logits [B-1, V], drafts [B-1]), all in parallel."""
+        hidden = self(*inputs)
+        logits = (hidden[0, 1:] @ lm_head.T.to(hidden.dtype)).float()
+        return logits, pick(logits)

@@ -27,6 +27,13 @@ def block_inputs(input_ids: torch.Tensor, anchors: torch.Tensor, block_size: int
     return ids.view(b, n * block_size), positions.view(b, n * block_size)
 
 
+def previous_tokens(input_ids: torch.Tensor, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[b, N*B]: x[a + k] for slot k of each block, the token before slot k's prediction (past the end: the last).
+    DSpark's Markov head reads them, teacher-forced, in training (dspark.py)."""
+    idx = (anchors.unsqueeze(-1) + torch.arange(block_size, device=anchors.device)).clamp(max=input_ids.shape[1] - 1)
+    return torch.gather(input_ids, 1, idx.flatten(1))
+
+
 def block_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, valid: torch.Tensor,
                  block_size: int):
     """Targets [b, N, B] (slot k of block j: x[a_j + k]) and where they count: slot k >= 1, inside the sequence,

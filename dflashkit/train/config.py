@@ -9,6 +9,9 @@ from typing import Literal
 class DraftSpec:
     """The draft's shape. Dims left null are copied from the target's decoder layer (hidden size always is: the
     draft shares the target's embeddings and lm_head). Target layer ids come from the dump's meta.json."""
+    # "dflash", or "dspark": the DFlash backbone plus a Markov head and a confidence head (dflashkit/model/dspark.py);
+    # a DSpark block of block_size slots drafts block_size tokens, a DFlash one block_size - 1.
+    kind: Literal["dflash", "dspark"] = "dflash"
     num_layers: int = 5
     block_size: int = 16
     mask_token_id: int = -1  # required: a token id the chats never contain (e.g. Qwen3's <|MASK|> slot 151669)
@@ -17,6 +20,10 @@ class DraftSpec:
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int | None = None
+    # DSpark only: the Markov head's rank, and whether the confidence head is trained (reading the Markov embedding).
+    markov_rank: int = 256
+    confidence_head: bool = True
+    confidence_head_with_markov: bool = True
 
     def validate(self) -> None:
         if self.mask_token_id < 0:
@@ -78,9 +85,12 @@ class LossSpec:
     dpace_alpha: float = 0.5  # D-PACE smoothing: q -> (1 - alpha) q + alpha
     kd_weight: float = 0.0  # > 0 adds KD (soft cross-entropy) against the target's logits
     vocab_chunk_rows: int = 4096  # rows of [rows, vocab] logits alive at once
+    # DSpark: weight of the confidence head's binary cross-entropy (summed over counted slots) beside the block loss.
+    confidence_weight: float = 0.1
 
     def validate(self) -> None:
-        if self.decay_gamma < 0 or not 0 <= self.dpace_alpha <= 1 or self.kd_weight < 0 or self.vocab_chunk_rows < 1:
+        if self.decay_gamma < 0 or not 0 <= self.dpace_alpha <= 1 or self.kd_weight < 0 or self.vocab_chunk_rows < 1 \
+                or self.confidence_weight < 0:
             raise ValueError("loss: decay_gamma >= 0, 0 <= dpace_alpha <= 1, kd_weight >= 0, vocab_chunk_rows >= 1")
 
 

@@ -21,13 +21,14 @@ import torch
 import yaml
 
 from dflashkit.config import load_config, to_dict
-from dflashkit.model import DFlashConfig, DFlashDraft, TargetHead
+from dflashkit.model import KINDS, DFlashConfig, TargetHead
 from dflashkit.model.masks import block_inputs, training_mask
 from dflashkit.train import checkpoint, data
 from dflashkit.train.config import OptimSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
 from dflashkit.train.loss import block_loss, normalizer, served_walk, summarize
 from dflashkit.train.metrics import MetricsLog
+from dflashkit.train.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ def draft_config(cfg: TrainConfig, meta: dict) -> DFlashConfig:
     overrides = {k: v for k, v in {"intermediate_size": m.intermediate_size, "num_attention_heads": m.num_attention_heads,
                                        "num_key_value_heads": m.num_key_value_heads, "head_dim": m.head_dim,
                                        "max_position_embeddings": m.max_position_embeddings}.items() if v is not None}
-    dcfg = DFlashConfig.for_target(target, num_hidden_layers=m.num_layers, target_layer_ids=meta["target_layer_ids"],
-                                   mask_token_id=m.mask_token_id, block_size=m.block_size, **overrides)
+    overrides.update(OBJECTIVES[m.kind].config_overrides(m))
+    dcfg = KINDS[m.kind].config.for_target(target, num_hidden_layers=m.num_layers,
+                                           target_layer_ids=meta["target_layer_ids"], mask_token_id=m.mask_token_id,
+                                           block_size=m.block_size, **overrides)
     if (dcfg.hidden_size, dcfg.num_target_layers) != (meta["hidden_size"], meta["num_hidden_layers"]):
         raise ValueError(f"the dump (hidden {meta['hidden_size']}, {meta['num_hidden_layers']} layers) was not made "
                          f"from {cfg.target_model} (hidden {dcfg.hidden_size}, {dcfg.num_target_layers} layers)")
@@ -72,12 +75,15 @@ class Trainer:
         self.attention = cfg.attention
         self.final_pre_norm = final_state == "pre_norm"
         self.head = head.to(d.device)
+        self.objective = OBJECTIVES[cfg.model.kind]
+        # Slots per block of the label layout (objectives.py): the loader's targets and the acceptance figures.
+        self.label_width = self.objective.label_width(dcfg.block_size)
         if self.head.vocab_size <= dcfg.mask_token_id or self.head.hidden_size != dcfg.hidden_size:
             raise ValueError(f"target head {list(self.head.lm_head.shape)} does not fit the draft "
                              f"(hidden {dcfg.hidden_size}, mask_token_id {dcfg.mask_token_id})")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         with d.device:  # initialized where it trains: a 1-2 B-parameter draft takes tens of seconds on the CPU
-            draft = DFlashDraft(dcfg)
+            draft = KINDS[cfg.model.kind].model(dcfg)
         with torch.no_grad():  # the draft's output feeds the target's lm_head: start its final norm as the target's
             draft.norm.weight.copy_(self.head.norm_weight.float())
         draft.to(d.device)
@@ -109,19 +115,19 @@ class Trainer:
         b, t = ids.shape
         block_ids, block_pos = block_inputs(ids, anchors, B, self.dcfg.mask_token_id)
         mask = training_mask(anchors, t, B, self.attention)  # built once, shared by every layer
-        hidden = self.model(aux, self.head.embed_tokens(block_ids), torch.arange(t, device=dev).expand(b, t),
-                            block_pos, mask)
+        inputs = (aux, self.head.embed_tokens(block_ids), torch.arange(t, device=dev).expand(b, t), block_pos, mask)
+        hidden, extra = self.objective.forward(self.model, inputs, ids, anchors, B, c)
         teacher = None
         if c.kd_weight > 0:
             # The target's distribution over x[a+k] comes from its final state at a+k-1.
-            idx = (anchors.unsqueeze(-1) + torch.arange(B, device=dev) - 1).clamp(0, t - 1).flatten(1)
+            idx = (anchors.unsqueeze(-1) + torch.arange(labels.shape[-1], device=dev) - 1).clamp(0, t - 1).flatten(1)
             final = data.padded_features(batch, "hidden_states")
             teacher = torch.gather(final, 1, idx.unsqueeze(-1).expand(-1, -1, final.shape[-1])).view(*labels.shape, -1)
             teacher = self.head.final_norm(teacher) if self.final_pre_norm else teacher
             teacher = teacher.to(self.head.lm_head.dtype)
         return block_loss(hidden, self.head.lm_head, labels, counted, kind=c.kind, gamma=c.decay_gamma,
                           alpha=c.dpace_alpha, kd_weight=c.kd_weight, teacher=teacher, chunk_rows=c.vocab_chunk_rows,
-                          rows=batch["rows"], compiled=self.compiled, grad_in_forward=self.grad_in_forward)
+                          rows=batch["rows"], compiled=self.compiled, grad_in_forward=self.grad_in_forward, **extra)
 
     def _sync_grads(self, sync: bool):
         if hasattr(self.model, "no_sync"):  # DDP: all-reduce only on the step's last micro-batch
@@ -161,7 +167,7 @@ class Trainer:
     def read(self, result: dict) -> dict:
         """`step`'s result as numbers: one copy to the host."""
         host = torch.cat([result["loss"].view(1), result["grad_norm"].view(1), result["stats"]]).cpu()
-        return {"loss": host[0].item(), "grad_norm": host[1].item(), **summarize(host[2:], self.dcfg.block_size)}
+        return {"loss": host[0].item(), "grad_norm": host[1].item(), **summarize(host[2:], self.label_width)}
 
     @torch.no_grad()
     def evaluate(self, batches: list[dict]) -> dict:
@@ -180,7 +186,7 @@ class Trainer:
         reduced = d.all_reduce_sum(torch.cat([sums, stats]))
         return {"loss": (reduced[0] / reduced[1].clamp(min=1e-6)).item(),
                 "tau": (reduced[3] / reduced[2].clamp(min=1)).item(),
-                **summarize(reduced[4:].cpu(), self.dcfg.block_size)}
+                **summarize(reduced[4:].cpu(), self.label_width)}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -243,7 +249,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     spe = plan.steps_per_epoch
     micro = [m for epoch in range(step // spe, -(-total // spe))
              for m in plan.micro_batches(epoch, max(step - epoch * spe, 0), d.rank)][: (total - step) * o.grad_accum]
-    batches = data.DevicePrefetcher(data.loader(dataset, micro, cfg.data.num_workers, cuda, dcfg.block_size), d.device)
+    # The loader computes the block targets in the objective's label layout (width B, or B + 1 for DSpark).
+    batches = data.DevicePrefetcher(data.loader(dataset, micro, cfg.data.num_workers, cuda, trainer.label_width),
+                                    d.device)
     # Logged figures cover the interval since the previous logged step (checkpoints and held-out scoring left out):
     # the host reads the GPU only then, and tokens/s over an interval does not swing with one batch's lengths.
     interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
@@ -277,7 +285,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
                                            dcfg.to_json_string(), cfg.keep_checkpoints)
                 if heldout_micro:
                     scored = trainer.evaluate(list(data.loader(heldout, heldout_micro, cfg.data.num_workers, cuda,
-                                                               dcfg.block_size)))
+                                                               trainer.label_width)))
                     if metrics is not None:
                         metrics.write_heldout({"step": step, "epoch": epoch, **scored})
                 interval_start += time.perf_counter() - paused

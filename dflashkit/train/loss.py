@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
@@ -44,10 +45,14 @@ def dpace_weights(q: torch.Tensor, counted: torch.Tensor, alpha: float) -> torch
     return suffix * counted
 
 
-def _logit_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
+def _logit_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher, markov_embed=None,
+                 markov_w2=None):
     """One chunk's fp32 logits, log-partition, nll of the labels, and (with a teacher) its probabilities and the KD
-    soft cross-entropy. Shared by both lm_head paths below, so they compute the same loss."""
+    soft cross-entropy. Shared by both lm_head paths below, so they compute the same loss. With `markov_embed`
+    [rows, r] and `markov_w2` [V, r] (DSpark), the logits get the Markov head's transition bias."""
     logits = (hidden @ weight.t()).float()
+    if markov_embed is not None:
+        logits = logits + (markov_embed @ markov_w2.t()).float()
     log_z = torch.logsumexp(logits, dim=-1)
     nll = log_z - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     if teacher is None:
@@ -56,8 +61,9 @@ def _logit_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return logits, log_z, nll, target_probs, log_z - (target_probs * logits).sum(-1)
 
 
-def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher):
-    logits, _, nll, _, kd = _logit_stats(hidden, weight, labels, teacher)
+def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, teacher, markov_embed=None,
+                 markov_w2=None):
+    logits, _, nll, _, kd = _logit_stats(hidden, weight, labels, teacher, markov_embed, markov_w2)
     return (nll, logits.argmax(-1)) if kd is None else (nll, logits.argmax(-1), kd)
 
 
@@ -105,9 +111,11 @@ class _RowStatsGradInForward(torch.autograd.Function):
 
 
 def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool = False,
-              grad_in_forward: bool = False):
-    """Per-row nll, argmax (and KD soft-CE) for rows of `hidden` [R, H], `chunk_rows` rows of logits at a time."""
-    if grad_in_forward and hidden.requires_grad:
+              grad_in_forward: bool = False, markov=None):
+    """Per-row nll, argmax (and KD soft-CE) for rows of `hidden` [R, H], `chunk_rows` rows of logits at a time.
+    `markov`: (embed [R, r], markov_w2 [V, r]) of a DSpark draft, or None. Its trainable markov_w2 takes the
+    recomputing path, where autograd gives every gradient (the head's are a rank-r sliver of the lm_head's)."""
+    if grad_in_forward and hidden.requires_grad and markov is None:
         if lm_head.requires_grad:
             raise ValueError("grad_in_forward assumes a frozen lm_head")
         return list(_RowStatsGradInForward.apply(hidden, lm_head, labels, teacher, chunk_rows, compiled))
@@ -115,16 +123,20 @@ def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool 
     outs = []
     for start in range(0, hidden.shape[0], chunk_rows):
         part = slice(start, start + chunk_rows)
-        args = (hidden[part], lm_head, labels[part], None if teacher is None else teacher[part])
+        args = (hidden[part], lm_head, labels[part], None if teacher is None else teacher[part],
+                *(() if markov is None else (markov[0][part], markov[1])))
         outs.append(checkpoint(chunk_stats, *args, use_reentrant=False) if hidden.requires_grad
                     else chunk_stats(*args))
     return [torch.cat(parts) for parts in zip(*outs)]
 
 
 def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alpha: float, kd_weight: float,
-               teacher=None, chunk_rows: int = 4096, rows=None, compiled: bool = False, grad_in_forward: bool = False):
+               teacher=None, chunk_rows: int = 4096, rows=None, compiled: bool = False, grad_in_forward: bool = False,
+               markov=None, confidence=None, confidence_weight: float = 0.0):
     """hidden [b, N*B, H] draft outputs; labels/counted [b, N, B]; teacher [b, N, B, H] target final states (normed)
-    or None. Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
+    or None. DSpark: `markov` = (embed [b, N*B, r], markov_w2 [V, r]) adds the Markov bias to the logits, and
+    `confidence` [b, N, B] logits add `confidence_weight` x the binary cross-entropy against whether each counted
+    slot's argmax is right (its acceptance, given the slots before it were accepted). Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
     normalizer so micro-batches and ranks add up to one big batch.
     `rows`: the flat positions where `counted` is True (`counted.flatten().nonzero()[:, 0]`), on hidden's device.
     Finding them on the GPU waits for the GPU (the host needs their number); the trainer passes them precomputed
@@ -133,7 +145,8 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
     rows = counted.flatten().nonzero()[:, 0] if rows is None else rows
     h = hidden.reshape(b * n * bs, -1).index_select(0, rows)
     t = None if teacher is None or kd_weight == 0 else teacher.reshape(b * n * bs, -1).index_select(0, rows)
-    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows, compiled, grad_in_forward)
+    m = None if markov is None else (markov[0].reshape(b * n * bs, -1).index_select(0, rows), markov[1])
+    stats = row_stats(h, lm_head, labels.flatten().index_select(0, rows), t, chunk_rows, compiled, grad_in_forward, m)
     nll = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[0]).view(b, n, bs)
     pred = torch.zeros(b * n * bs, dtype=torch.long, device=hidden.device).index_copy(0, rows, stats[1])
     correct = (pred.view(b, n, bs) == labels) & counted
@@ -145,6 +158,9 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
     if t is not None:
         kd = torch.zeros(b * n * bs, device=hidden.device).index_copy(0, rows, stats[2]).view(b, n, bs)
         loss = loss + kd_weight * (weights * kd).sum()
+    if confidence is not None and confidence_weight > 0:
+        bce = F.binary_cross_entropy_with_logits(confidence.float(), correct.float(), reduction="none")
+        loss = loss + confidence_weight * (bce * counted).sum()
     accepted = accepted_per_block(correct)
     return loss, acceptance_stats(correct, counted, accepted), accepted
 

@@ -31,14 +31,15 @@ class OracleDecoder(SpeculativeDecoder):
         super().__init__(target, draft)
         self.reference, self.wrong_at, self.step = reference, wrong_at, 0
 
-    def _draft(self, context, anchor):
+    def _draft(self, context, anchor, pick):
         start = context.shape[0] - len(PROMPT) + 1  # output index of the first drafted token
         tokens = torch.tensor(self.reference[start: start + self.block_size - 1])
         wrong = self.wrong_at[self.step % len(self.wrong_at)]
         if wrong:
             tokens[wrong - 1] = (tokens[wrong - 1] + 1) % 128
         self.step += 1
-        return torch.nn.functional.one_hot(tokens, 128).float() * 30
+        logits = torch.nn.functional.one_hot(tokens, 128).float() * 30
+        return logits, pick(logits)
 
 
 def test_greedy_rule():
@@ -114,10 +115,10 @@ class RecordingDecoder(SpeculativeDecoder):
         super().__init__(target, draft)
         self.drafted: list[tuple[int, torch.Tensor]] = []
 
-    def _draft(self, context, anchor):
-        logits = super()._draft(context, anchor)
-        self.drafted.append((context.shape[0], logits))
-        return logits
+    def _draft(self, context, anchor, pick):
+        logits, drafts = super()._draft(context, anchor, pick)
+        self.drafted.append((context.shape[0], logits, drafts))
+        return logits, drafts
 
 
 def test_training_pass_drafts_what_the_loop_drafts(tiny_target):
@@ -130,9 +131,9 @@ def test_training_pass_drafts_what_the_loop_drafts(tiny_target):
     decoder = RecordingDecoder(tiny_target, draft)
     g = decoder.generate(PROMPT, 30)
     ids = torch.tensor(g.prompt_ids + g.output_ids)[None]
-    logits = decoder.every_anchor_logits(ids[0].tolist(), torch.tensor([position for position, _ in decoder.drafted]))
+    logits = decoder.every_anchor_logits(ids[0].tolist(), torch.tensor([position for position, *_ in decoder.drafted]))
     assert len(decoder.drafted) == g.steps > 10
-    for (position, loop_logits), train_logits in zip(decoder.drafted, logits):
+    for (position, loop_logits, _), train_logits in zip(decoder.drafted, logits):
         assert ids[0, position] == g.output_ids[position - len(PROMPT)]  # the anchor is the token at its position
         torch.testing.assert_close(train_logits, loop_logits, atol=2e-4, rtol=1e-4)
 
