@@ -98,6 +98,13 @@ def check_weights(cfg: DFlashConfig, state: dict[str, torch.Tensor]) -> None:
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     extra = sorted(set(state) - set(want))
+    heads = [name for name in extra if name.split(".")[0] in ("markov_head", "confidence_head")]
+    if heads:  # DSpark heads under a config that does not have them: say what the config does describe
+        described = f"architectures [{cfg.architecture}]" + (
+            ", enable_confidence_head false" if getattr(cfg, "enable_confidence_head", True) is False else "")
+        problems.append(f"unexpected head tensors {', '.join(heads)}: config.json describes a {cfg.kind_label} draft "
+                        f"({described})")
+    extra = [name for name in extra if name not in heads]
     if extra:
         problems.append(f"unexpected tensors (a draft owns no embed_tokens/lm_head and has no `model.`/`module.` "
                         f"prefix): {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
