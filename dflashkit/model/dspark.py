@@ -118,17 +118,21 @@ class DSparkDraft(DFlashDraft):
         return logits.view(logits.shape[0], -1, block_size, logits.shape[-1])
 
     def propose(self, inputs: tuple, anchor: int, lm_head: torch.Tensor, pick) -> tuple[torch.Tensor, torch.Tensor]:
-        """One served block: the backbone's logits in one pass, then the Markov bias left to right, from the anchor
-        and then from each token just drafted. Returns (logits [B, V], drafts [B])."""
+        """One served block: the backbone in one pass, then `markov_stage`. Returns (logits [B, V], drafts [B])."""
         block = inputs[1].shape[1]
         out = self(*inputs, torch.full((1, block), anchor, device=inputs[1].device))  # only slot 0's embed is used
-        base = (out.hidden[0] @ lm_head.T.to(out.hidden.dtype)).float()
-        w1, w2 = self.markov_head.markov_w1.weight, out.markov_w2
-        previous = out.markov_embed[0, 0]
+        return self.markov_stage(out.hidden[0], anchor, lm_head, pick)
+
+    def markov_stage(self, hidden: torch.Tensor, anchor: int, lm_head: torch.Tensor, pick):
+        """The sequential stage over one block's backbone states [B, H]: slot k's logits are its base logits plus
+        the bias of the token before it, the anchor for slot 0 and then each token just drafted (`pick` of the
+        row before). Returns (logits [B, V], drafts [B])."""
+        base = (hidden @ lm_head.T.to(hidden.dtype)).float()
+        w1, w2 = self.markov_head.markov_w1.weight, self.markov_head.markov_w2.weight
+        previous = torch.as_tensor(anchor, device=hidden.device)
         logits, drafts = [], []
-        for k in range(block):
-            row = base[k] + (previous @ w2.T.to(previous.dtype)).float()
-            drafts.append(pick(row))
-            logits.append(row)
-            previous = w1[drafts[-1]]
+        for k in range(hidden.shape[0]):
+            logits.append(base[k] + (w1[previous] @ w2.T).float())
+            drafts.append(pick(logits[-1]))
+            previous = drafts[-1]
         return torch.stack(logits), torch.stack(drafts)
