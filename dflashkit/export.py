@@ -12,6 +12,9 @@ lm_head when the hidden sizes match). Served with
     python -m sglang.launch_server --model-path TARGET --speculative-algorithm DFLASH \
         --speculative-draft-model-path DIR --speculative-num-draft-tokens B
 
+A DSpark draft (`model.kind: dspark`) has `architectures: ["Qwen3DSparkModel"]`, its head keys and tensors beside
+these (docs/FORMATS.md) and is served with `"method": "dspark", "num_speculative_tokens": B` (SGLang: `DSPARK`).
+
 A draft that does not fit its target is refused with the reason (`DraftMismatch`) instead of becoming a folder that
 crashes the server at its first request. The folder is written next to its destination and renamed into place, so it
 either exists complete or not at all.

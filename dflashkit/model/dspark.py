@@ -119,9 +119,8 @@ class DSparkDraft(DFlashDraft):
 
     def propose(self, inputs: tuple, anchor: int, lm_head: torch.Tensor, pick) -> tuple[torch.Tensor, torch.Tensor]:
         """One served block: the backbone in one pass, then `markov_stage`. Returns (logits [B, V], drafts [B])."""
-        block = inputs[1].shape[1]
-        out = self(*inputs, torch.full((1, block), anchor, device=inputs[1].device))  # only slot 0's embed is used
-        return self.markov_stage(out.hidden[0], anchor, lm_head, pick)
+        hidden = super().forward(*inputs)  # the backbone alone: the heads' inputs are not known yet
+        return self.markov_stage(hidden[0], anchor, lm_head, pick)
 
     def markov_stage(self, hidden: torch.Tensor, anchor: int, lm_head: torch.Tensor, pick):
         """The sequential stage over one block's backbone states [B, H]: slot k's logits are its base logits plus

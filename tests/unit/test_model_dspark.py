@@ -105,7 +105,7 @@ def test_training_loss_is_the_teacher_forced_cross_entropy_and_the_confidence_bc
         assert dict(draft.named_parameters())[name].grad.abs().sum() > 0, name
 
 
-def test_export_round_trip_same_logits_and_refusals(tmp_path):
+def test_export_round_trip_same_logits_and_refusals(tmp_path, capsys):
     draft = random_dspark(seed=2)
     target = write_target(tmp_path / "target")
     out = export_draft(draft.config, draft.state_dict(), target, tmp_path / "draft")
@@ -131,10 +131,26 @@ def test_export_round_trip_same_logits_and_refusals(tmp_path):
     with pytest.raises(DraftMismatch, match="unexpected head tensors confidence_head.proj.bias, confidence_head.proj.weight: config.json "
                        "describes a DSpark draft .architectures .Qwen3DSparkModel., enable_confidence_head false"):
         export_draft(dspark_config(enable_confidence_head=False), draft.state_dict(), target, tmp_path / "bad")
+    assert main(["--checkpoint", str(out), "--target", str(target), "--out", str(tmp_path / "cli")]) == 0
+    hints = capsys.readouterr().out  # a DSpark block of 4 slots drafts 4 tokens
+    assert '"method": "dspark"' in hints and '"num_speculative_tokens": 4' in hints and "DSPARK" in hints
     # A config that lost its DSpark architecture is read as DFlash and its Markov tensors refused.
     written["architectures"] = ["DFlashDraftModel"]
     (out / "config.json").write_text(json.dumps(written))
     assert main(["--checkpoint", str(out), "--target", str(target), "--out", str(tmp_path / "again")]) == 2
+
+
+def test_without_the_confidence_head_only_the_token_loss_counts():
+    draft = random_dspark(enable_confidence_head=False)
+    assert draft.confidence_head is None and not any("confidence" in n for n in draft.state_dict())
+    rec, inputs, lm_head = batch(draft)
+    labels, counted = OBJECTIVES["dspark"].targets(rec, 4)
+    hidden, extra = OBJECTIVES["dspark"].forward(draft, inputs, rec["input_ids"], rec["anchors"], 4, LossSpec())
+    assert set(extra) == {"markov"}
+    loss, _, _ = block_loss(hidden, lm_head, labels, counted, kind="ce", gamma=0.0, alpha=0.0, kd_weight=0.0, **extra)
+    logits = draft.teacher_forced_logits(inputs, previous_tokens(rec["input_ids"], rec["anchors"], 4), lm_head, 4)[0]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[0, :, 1:].flatten(), reduction="none")
+    torch.testing.assert_close(loss, (ce * counted[0, :, 1:].flatten()).sum(), rtol=1e-5, atol=1e-5)
 
 
 class RecordingDecoder(SpeculativeDecoder):
