@@ -6,5 +6,5 @@ from dflashkit.model.dspark import DSparkConfig, DSparkDraft
 from dflashkit.model.kinds import KINDS, DraftKind, config_from_dict, kind_of, kind_of_config
 from dflashkit.model.target import TargetHead
 
-__all__ = ["DFlashConfig", "DFlashDraft", "DSparkConfig", "DSparkDraft", "KINDS", "DraftKind", "config_from_dict",
-           "kind_of", "kind_of_config", "TargetHead"]
+__all__ = ["KINDS", "DFlashConfig", "DFlashDraft", "DSparkConfig", "DSparkDraft", "DraftKind", "TargetHead",
+           "config_from_dict", "kind_of", "kind_of_config"]

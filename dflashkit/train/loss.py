@@ -134,10 +134,11 @@ def block_loss(hidden, lm_head, labels, counted, *, kind: str, gamma: float, alp
                teacher=None, chunk_rows: int = 4096, rows=None, compiled: bool = False, grad_in_forward: bool = False,
                markov=None, confidence=None, confidence_weight: float = 0.0):
     """hidden [b, N*B, H] draft outputs; labels/counted [b, N, B]; teacher [b, N, B, H] target final states (normed)
-    or None. DSpark: `markov` = (embed [b, N*B, r], markov_w2 [V, r]) adds the Markov bias to the logits, and
-    `confidence` [b, N, B] logits add `confidence_weight` x the binary cross-entropy against whether each counted
-    slot's argmax is right (its acceptance, given the slots before it were accepted). Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
+    or None. Returns (weighted loss sum, its normalizer's share, stats) — the caller divides by the global
     normalizer so micro-batches and ranks add up to one big batch.
+    DSpark: `markov` = (embed [b, N*B, r], markov_w2 [V, r]) adds the Markov bias to the logits, and `confidence`
+    [b, N, B] logits add `confidence_weight` x the binary cross-entropy against whether each counted slot's argmax is
+    right (its acceptance, given the slots before it were accepted).
     `rows`: the flat positions where `counted` is True (`counted.flatten().nonzero()[:, 0]`), on hidden's device.
     Finding them on the GPU waits for the GPU (the host needs their number); the trainer passes them precomputed
     from the CPU batch so the step never stalls. `compiled`: the lm_head/CE chunks run as one compiled kernel set."""

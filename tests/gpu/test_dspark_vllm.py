@@ -17,10 +17,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the shared dump fixture of the train tests
-from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: E402,F401  (fixture)
+from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
 
-from dflashkit.eval.run import main as eval_main  # noqa: E402
-from dflashkit.export import main as export_main  # noqa: E402
+from dflashkit.eval.run import main as eval_main
+from dflashkit.export import main as export_main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -53,7 +53,7 @@ def test_vllm_reads_our_dspark_draft(exported, prepared, tmp_path):
     anchor = 504
     torch.save({"hidden": states, "anchor": anchor}, tmp_path / "inputs.pt")
     proc = subprocess.run([sys.executable, __file__, str(model_dir()), str(exported), str(tmp_path)],
-                          env={**os.environ, **CPU_VLLM_ENV}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, **CPU_VLLM_ENV}, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     theirs = torch.load(tmp_path / "vllm.pt", weights_only=True)
     assert theirs["method"] == "dspark" and theirs["architectures"] == ["Qwen3DSparkModel"]
@@ -78,7 +78,13 @@ def test_vllm_reads_our_dspark_draft(exported, prepared, tmp_path):
 def _vllm_side(target: str, draft: str, out: str) -> None:
     """In a child process: vLLM's config and DSpark model classes on our folder; results to OUT/vllm.pt."""
     from safetensors.torch import load_file
-    from vllm.config import ModelConfig, ParallelConfig, SpeculativeConfig, VllmConfig, set_current_vllm_config
+    from vllm.config import (
+        ModelConfig,
+        ParallelConfig,
+        SpeculativeConfig,
+        VllmConfig,
+        set_current_vllm_config,
+    )
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.model_executor.models.qwen3_dspark import Qwen3DSparkForCausalLM

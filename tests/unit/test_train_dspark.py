@@ -42,7 +42,7 @@ def test_dspark_learns_saves_its_heads_and_resumes_exactly(smollm2_dump, tmp_pat
 
 def test_dspark_two_fsdp2_processes_match_one_process(smollm2_dump, tmp_path):  # noqa: F811
     mode = "fsdp"
-    common = {"optim__max_steps": 2, "optim__eps": 1e-3, **DSPARK}
+    common = {"optim__max_steps": 2, "optim__eps": 1e-3, "loss__kd_weight": 0.5, **DSPARK}  # KD's teacher too
     assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
     two = recipe(smollm2_dump, tmp_path / mode, data__micro_batch_size=2, parallel=mode, **common)
     torch.multiprocessing.spawn(_two_process_worker, args=(two, _free_port()), nprocs=2)
