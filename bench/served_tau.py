@@ -47,7 +47,8 @@ def main() -> None:
         loss_mask[len(g.prompt_ids):] = 1  # the answer: every position the loop emitted
         anchors, valid = first_anchors(loss_mask, len(g.output_ids))
         logits = decoder.every_anchor_logits(ids.tolist(), anchors)
-        labels, counted = block_labels(ids[None], loss_mask[None], anchors[None], valid[None], decoder.block_size)
+        # Position j of a block's labels is x[anchor + j]; its K drafts predict j = 1..K (DFlash K = B-1, DSpark K = B).
+        labels, counted = block_labels(ids[None], loss_mask[None], anchors[None], valid[None], decoder.num_drafts + 1)
         correct = torch.zeros_like(counted)  # slot 0 is the anchor, given
         correct[..., 1:] = (logits.argmax(-1).cpu()[None] == labels[..., 1:]) & counted[..., 1:]
         accepted = accepted_per_block(correct)
