@@ -13,7 +13,7 @@ from test_export import write_target
 from dflashkit.eval.spec import SpeculativeDecoder
 from dflashkit.export import DraftMismatch, export_draft, load_draft, main
 from dflashkit.model import DFlashConfig, DSparkConfig, DSparkDraft, config_from_dict, kind_of_config
-from dflashkit.model.masks import block_inputs, dense_mask, previous_tokens
+from dflashkit.model.masks import block_inputs, block_labels, dense_mask, previous_tokens
 from dflashkit.train.config import LossSpec
 from dflashkit.train.loss import block_loss
 from dflashkit.train.objectives import OBJECTIVES
@@ -72,6 +72,11 @@ def batch(draft, seq_len=24, anchors=((3, 9, 20),), seed=0):
     return rec, inputs, embed.weight.detach()
 
 
+def targets(rec, width):
+    """What the loader adds to a batch (`data.collate`), at the objective's label width."""
+    return block_labels(rec["input_ids"], rec["loss_mask"], rec["anchors"], rec["anchor_valid"], width)
+
+
 def test_training_loss_is_the_teacher_forced_cross_entropy_and_the_confidence_bce():
     """Slot k of a block predicts x[a+k+1] with the Markov bias of the true x[a+k]; the loss (equal weights) is the
     mean cross-entropy of those logits over counted slots plus 0.3 x the summed BCE of the confidence head against
@@ -79,7 +84,7 @@ def test_training_loss_is_the_teacher_forced_cross_entropy_and_the_confidence_bc
     draft = random_dspark()
     B, objective = draft.config.block_size, OBJECTIVES["dspark"]
     rec, inputs, lm_head = batch(draft)
-    labels, counted = objective.targets(rec, B)
+    labels, counted = targets(rec, objective.label_width(B))
     assert labels.shape == (1, 3, B + 1) and not counted[..., 0].any()
     # Block at 20 of 24 tokens: x[21] counted, x[22] off the loss mask, x[23] counted, x[24] past the end.
     assert counted[0, 2].tolist() == [False, True, False, True, False]
@@ -144,7 +149,7 @@ def test_without_the_confidence_head_only_the_token_loss_counts():
     draft = random_dspark(enable_confidence_head=False)
     assert draft.confidence_head is None and not any("confidence" in n for n in draft.state_dict())
     rec, inputs, lm_head = batch(draft)
-    labels, counted = OBJECTIVES["dspark"].targets(rec, 4)
+    labels, counted = targets(rec, OBJECTIVES["dspark"].label_width(4))
     hidden, extra = OBJECTIVES["dspark"].forward(draft, inputs, rec["input_ids"], rec["anchors"], 4, LossSpec())
     assert set(extra) == {"markov"}
     loss, _, _ = block_loss(hidden, lm_head, labels, counted, kind="ce", gamma=0.0, alpha=0.0, kd_weight=0.0, **extra)
