@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
-from faultlib import SEED, report, rounds
+from faultlib import SEED, Stage, inject_kill, report, rounds
 
 from dflashkit.config import load_config
 from dflashkit.prepare import model_dir
@@ -50,6 +48,17 @@ def steps_logged(out: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def saved_step(out: Path) -> int:
+    """The step of the last complete checkpoint (a step dir named by latest.json is complete), 0 if none."""
+    latest = latest_checkpoint(out / "checkpoints")
+    return json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+
+
+def whole_run(out: Path, expected: dict[int, float]) -> None:
+    """What the final checkpoint promises: the run finished, every step logged with the uninterrupted run's loss."""
+    assert losses(out) == expected
+
+
 def test_kill_trainer_at_random_steps(smollm2_dump, tmp_path):  # noqa: F811
     straight = tmp_path / "straight"
     old_umask = os.umask(0)  # the trainer's files must not be world-writable even so
@@ -63,26 +72,17 @@ def test_kill_trainer_at_random_steps(smollm2_dump, tmp_path):  # noqa: F811
     expected = losses(straight)
     assert sorted(expected) == list(range(1, STEPS + 1))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels as this process
-    faults = compared = mismatches = 0
+    stage = Stage(progress=steps_logged, done=lambda out: saved_step(out) == STEPS,
+                  complete=partial(whole_run, expected=expected))
+    faults = compared = mismatches = late = 0
     for r in range(rounds("train")):
         rng = random.Random(SEED * 1_000_003 + 104729 + r)
         out = tmp_path / f"round{r}"
         every = rng.randint(1, 3)
-        target = rng.randint(1, STEPS - 1)
-        proc = subprocess.Popen([sys.executable, str(REPO / "train_dflash.py"), "--resume",
-                                 *overrides(smollm2_dump, out, every)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-        while steps_logged(out) < target and proc.poll() is None:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.3))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-            continue
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        cmd = [sys.executable, str(REPO / "train_dflash.py"), "--resume", *overrides(smollm2_dump, out, every)]
+        late += inject_kill(cmd, env, stage, out, rng, (1, STEPS - 1), 0.3, tmp_path / "train.log")
         faults += 1
-        latest = latest_checkpoint(out / "checkpoints")  # a step dir named by latest.json is complete
-        saved = json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+        saved = saved_step(out)
         assert train(load_config(TrainConfig, None, overrides(smollm2_dump, out, every)), resume=True) == 0
         got = losses(out)
         for step in range(saved + 1, STEPS + 1):
@@ -90,5 +90,6 @@ def test_kill_trainer_at_random_steps(smollm2_dump, tmp_path):  # noqa: F811
             mismatches += got[step] != expected[step]
         assert all(got[s] == expected[s] for s in range(saved + 1, STEPS + 1)), (saved, got, expected)
     report("kill_train", rounds=rounds("train"),
-           faults_injected=faults, resumed_steps_compared=compared, loss_mismatches=mismatches)
+           faults_injected=faults, resumed_steps_compared=compared, loss_mismatches=mismatches,
+           late_kill_points_redrawn=late)
     assert faults >= 1 or rounds("train") == 0
