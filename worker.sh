@@ -119,7 +119,7 @@ trap 'echo "worker.sh: interrupted, stopping servers" >&2; exit 130' INT
 for ((i = 0; i < SERVERS_PER_NODE; i++)); do
   PORT=$("$PYTHON" -m dflashkit.serve free-port --preferred $((PORT_BASE + (TASK_NUM * SERVERS_PER_NODE + i) % 20000)))
   mapfile -d '' -t CMD < <("$PYTHON" -m dflashkit.serve command --backend "$BACKEND" --model "$MODEL" \
-    --served-model-name "$SERVED_MODEL_NAME" --port "$PORT" --tp "$TP_SIZE" --extra-args "$EXTRA_ARGS") \
+    --served-model-name "$SERVED_MODEL_NAME" --port "$PORT" --tp "$TP_SIZE" --extra-args="$EXTRA_ARGS") \
     || die "could not build the server command"
   ((${#CMD[@]} > 0)) || die "could not build the server command"
   LOG="$LOG_DIR/server-${TASK_TAG}-${i}.log"

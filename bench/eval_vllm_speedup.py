@@ -26,7 +26,7 @@ from dflashkit.cli import exit_on_sigterm
 from dflashkit.eval.prompts import load_prompts
 from dflashkit.eval.run import summarize_vllm
 from dflashkit.eval.vllm_metrics import VllmClient
-from dflashkit.serve import running_server, split_extra_args
+from dflashkit.serve import glue_value, running_server, split_extra_args
 
 
 def run_interleaved(configs: list[tuple[str, dict | None]], args, prompts, log_dir: Path) -> list[dict]:
@@ -75,7 +75,7 @@ def main() -> int:
     p.add_argument("--ngram", type=int, default=15, help="ngram speculative tokens (0: skip ngram)")
     p.add_argument("--extra-args", default="", help="vLLM server flags for every configuration")
     p.add_argument("--startup-timeout", type=float, default=900)
-    args = p.parse_args()
+    args = p.parse_args(glue_value(sys.argv[1:], "--extra-args"))  # `--extra-args --enforce-eager` too
     block = json.loads((Path(args.draft) / "config.json").read_text())["block_size"]
     prompts = load_prompts(args.prompts, AutoTokenizer.from_pretrained(args.target), limit=args.limit,
                            per_category=args.per_category)

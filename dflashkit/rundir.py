@@ -35,7 +35,8 @@ def now() -> str:
 
 def flags(args: dict[str, Any]) -> list[str]:
     """A mapping as command-line flags: {max_seq_len: 8192, enforce_eager: true, layers: [1, 2]} ->
-    --max-seq-len 8192 --enforce-eager --layers 1 2. False and null leave the flag out."""
+    --max-seq-len 8192 --enforce-eager --layers 1 2. False and null leave the flag out. A value that starts with a
+    dash is glued on with `=` (`--vllm-extra-args=--enforce-eager`): argparse would read it as an option."""
     out: list[str] = []
     for key, value in args.items():
         flag = "--" + str(key).replace("_", "-")
@@ -48,7 +49,7 @@ def flags(args: dict[str, Any]) -> list[str]:
         elif isinstance(value, dict):
             out += [flag, json.dumps(value)]
         else:
-            out += [flag, str(value)]
+            out += [f"{flag}={value}"] if str(value).startswith("-") else [flag, str(value)]
     return out
 
 

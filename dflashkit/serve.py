@@ -36,6 +36,16 @@ CPU_VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE":
 MANAGED_FLAGS = {"--host", "--port", "--api-key"}
 
 
+def glue_value(argv: list[str], flag: str) -> list[str]:
+    """`FLAG VALUE` -> `FLAG=VALUE`: a passthrough flag's value is one string of flags (`--enforce-eager`), which
+    argparse would otherwise take for an option of its own and refuse (`expected one argument`). The word after
+    FLAG is always its value."""
+    out, words = [], iter(argv)
+    for word in words:
+        out.append(f"{flag}={next(words, '')}" if word == flag else word)
+    return out
+
+
 def split_extra_args(text: str | None) -> list[str]:
     args = shlex.split(text or "", comments=False, posix=True)
     clash = sorted({a.split("=", 1)[0] for a in args} & MANAGED_FLAGS)
@@ -184,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--tp", type=int, default=1)
     c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--extra-args", default="", help="one string, split with shell word rules (never evaluated)")
+    c.add_argument("--extra-args", default="", help="one string, split with shell word rules (never evaluated); "
+                   "the next word is the value even when it starts with a dash: --extra-args --enforce-eager")
     k = sub.add_parser("key-env", help="print the environment variable that carries the API key to the server")
     k.add_argument("--backend", choices=BACKENDS, required=True)
     f = sub.add_parser("free-port", help="print a free TCP port")
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--pid", type=int, default=None, help="fail at once if this process exits")
     w.add_argument("--timeout", type=float, required=True)
     w.add_argument("--log", default=None, help="server log, whose tail is shown on failure")
-    args = p.parse_args(argv)
+    args = p.parse_args(glue_value(argv, "--extra-args"))
     try:
         if args.cmd == "command":
             cmd = server_command(args.backend, args.model, args.port, args.served_model_name, args.tp, args.host,

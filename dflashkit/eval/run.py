@@ -238,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="transformers device_map for the target (cpu, cuda, auto)")
     p.add_argument("--vllm", action="store_true", help="also measure through a vLLM server started with the draft")
-    p.add_argument("--vllm-extra-args", default="", help="extra vLLM server flags, one string (shell word rules)")
+    p.add_argument("--vllm-extra-args", default="", help="extra vLLM server flags, one string (shell word rules); the "
+                   "next word is the value even when it starts with a dash: --vllm-extra-args --enforce-eager")
     p.add_argument("--vllm-startup-timeout", type=float, default=900)
     p.add_argument("--train-log", help="the trainer's metrics.jsonl, for the loss curve plot (with heldout.jsonl "
                    "beside it, the held-out scores too)")
@@ -246,7 +247,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    from dflashkit.serve import glue_value
+
+    args = parser().parse_args(glue_value(sys.argv[1:] if argv is None else argv, "--vllm-extra-args"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("eval configuration: %s", json.dumps(vars(args)))
     try:
