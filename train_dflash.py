@@ -7,7 +7,8 @@ See `python train_dflash.py --help` and docs/TRAINING.md.
 """
 import sys
 
+from dflashkit.cli import run_main
 from dflashkit.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main("train_dflash.py", main, sys.argv[1:]))

@@ -1,12 +1,26 @@
 """The `dflashkit` command: one subcommand per entry of COMMANDS, each handled by a module's `main(argv) -> int`.
 
 The table holds only names, so `dflashkit --help` imports nothing heavy and each subcommand parses its own flags.
+
+Exit codes: 0 done; 2 a user's mistake (a flag, a recipe or override that does not validate, a file that is missing,
+unreadable or not what it should be): one line naming it, no traceback (`run_main`, which the top-level scripts use
+too); 1 a stage that could not finish (a full disk, a server gone: the stage's own log line says why); 75 a generate
+shard with retryable failures (rerun it).
 """
 from __future__ import annotations
 
 import importlib
 import signal
 import sys
+from collections.abc import Callable
+
+from dflashkit.config import UserError
+
+EXIT_USAGE = 2  # argparse's own code for a bad flag
+# What reaches the top and names what was wrong: a recipe, override, flag or file that is not what it should be
+# (UserError), a file that cannot be read or written (the OS's error names it). Anything else is a bug in dflashkit,
+# and keeps its traceback.
+USER_ERRORS = (UserError, OSError)
 
 # subcommand -> (module exposing main(argv), or "module:function" for another entry, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -40,6 +54,15 @@ def exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def run_main(prog: str, main: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """`main(argv)`, with a user error (USER_ERRORS) as one line `prog: message` and exit 2."""
+    try:
+        return main(argv) or 0
+    except USER_ERRORS as e:
+        print(f"{prog}: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
+        return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, exit_on_sigterm)
@@ -52,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _, function = COMMANDS[name][0].partition(":")
     module = importlib.import_module(module_name)
-    return getattr(module, function or "main")(rest) or 0
+    return run_main(f"dflashkit {name}", getattr(module, function or "main"), rest)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,21 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave (a flag, a recipe, a file that is not what it should be), with a message that
+    names it: a command says it on one line and exits 2 (dflashkit.cli.run_main), never with a traceback."""
+
+
+class ConfigError(UserError):
     pass
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML syntax error on one line: `line L, column C: <what> (<while doing what>)`."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    context = getattr(e, "context", None)
+    return where + (getattr(e, "problem", None) or str(e)) + (f" ({context})" if context else "")
 
 
 def _check(tp: Any, value: Any, path: str) -> Any:
@@ -110,7 +123,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: {yaml_problem(e)}") from None
     return data
 
 
@@ -118,7 +134,10 @@ def load_yaml(path: str | Path | None) -> dict:
     if path is None:
         return {}
     with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data

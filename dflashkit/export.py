@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from dflashkit.config import UserError
 from dflashkit.model import DFlashConfig, DFlashDraft, config_from_dict, kind_of
 from dflashkit.model.target import read_target_config
 
@@ -41,7 +42,7 @@ CONFIG = "config.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DraftMismatch(ValueError):
+class DraftMismatch(UserError):
     """The draft cannot be served with this target (or at all); the message says why and what to change."""
 
 
@@ -64,11 +65,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_draft(path: str | Path) -> tuple[DFlashConfig, dict[str, torch.Tensor]]:
+    """Config and weights of a draft folder; a torn or foreign file is a DraftMismatch naming it (the parsers' own
+    errors name no file)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
-    with open(path / CONFIG, encoding="utf-8") as f:
-        return config_from_dict(json.load(f)), load_file(path / WEIGHTS)
+    try:
+        with open(path / CONFIG, encoding="utf-8") as f:
+            cfg = config_from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise DraftMismatch(f"{path / CONFIG}: not valid JSON ({e})") from None
+    try:
+        return cfg, load_file(path / WEIGHTS)
+    except SafetensorError as e:
+        raise DraftMismatch(f"{path / WEIGHTS}: not a readable safetensors file, truncated or damaged ({e})") from None
 
 
 def load_draft(path: str | Path, dtype: torch.dtype | None = None) -> DFlashDraft:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..config import UserError
 from ..io import atomic_write_bytes, atomic_write_json, read_json
 
 FORMAT_VERSION = "dflashkit.dump/1"
@@ -29,7 +30,7 @@ STATIC_META_KEYS = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DumpFormatError(ValueError):
+class DumpFormatError(UserError):
     """A dump file that breaks the contract; the message names the file."""
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -153,3 +154,20 @@ def test_cli_exit_codes(tmp_path, caplog, capsys):
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--target", str(tmp_path / "target"),
                  "--out", str(tmp_path / "ok")]) == 0
     assert '"num_speculative_tokens": 3' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "random weights", "torn config"])
+def test_a_damaged_draft_file_is_one_line_naming_it_and_exit_2(damage, tmp_path, caplog):
+    cfg, model = random_draft()
+    target = write_target(tmp_path / "target")
+    ckpt = export_draft(cfg, model.state_dict(), target, tmp_path / "ckpt")
+    name = "config.json" if damage == "torn config" else "model.safetensors"
+    data = (ckpt / name).read_bytes()
+    (ckpt / name).write_bytes(os.urandom(200) if damage == "random weights" else data[:len(data) // 2])
+    with pytest.raises(DraftMismatch, match=f"{ckpt / name}: not "):
+        read_draft(ckpt)
+    caplog.clear()
+    assert main(["--checkpoint", str(ckpt), "--target", str(target), "--out", str(tmp_path / "x")]) == 2
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert str(ckpt / name) in line and "\n" not in line
+    assert not (tmp_path / "x").exists()
