@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from dflashkit.config import UserError
+from dflashkit.io import write_durable
 from dflashkit.model import DFlashConfig, DFlashDraft, config_from_dict, kind_of
 from dflashkit.model.target import read_target_config
 
@@ -181,7 +182,7 @@ def export_draft(cfg: DFlashConfig, state: dict[str, torch.Tensor], target_dir: 
                  yarn_original_max_position: int | None = None, dtype: torch.dtype | None = None,
                  overwrite: bool = False) -> Path:
     """Check the draft against the target and write the serving folder atomically. Returns `out`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     out = Path(out)
     target = read_target_config(target_dir)
@@ -201,11 +202,8 @@ def export_draft(cfg: DFlashConfig, state: dict[str, torch.Tensor], target_dir: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        write_durable(tmp / WEIGHTS, safetensors_bytes(tensors, metadata={"format": "pt"}))
+        write_durable(tmp / CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
         if out.exists():  # --overwrite: move the old folder aside first, so a crash never leaves neither
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.rename(out, old)

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
+# Every file dflashkit writes (records, markers, checkpoints, exported drafts): readable by all, writable by the
+# owner only, whatever the umask (and whatever the library that serialized the bytes would have picked).
+FILE_MODE = 0o644
 
 
 def _fsync_dir(path: Path) -> None:
@@ -26,7 +29,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a new file with FILE_MODE and fsync it: for the files of a temp dir that is renamed into place
+    as a whole (a checkpoint, an exported draft), where the rename is what makes it atomic."""
+    with open(path, "wb") as f:
+        os.fchmod(f.fileno(), FILE_MODE)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = FILE_MODE) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +125,7 @@ class JsonlAppender:
         if not truncate:
             repair_jsonl_tail(self.path)
         self._f = open(self.path, "w" if truncate else "a", encoding="utf-8")
-        os.chmod(self.path, 0o644)
+        os.chmod(self.path, FILE_MODE)
 
     def write(self, obj: Any) -> None:
         self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")

@@ -22,19 +22,11 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from dflashkit.io import atomic_write_json, read_json
+from dflashkit.io import atomic_write_json, read_json, write_durable
 from dflashkit.train.distributed import Dist
 
 log = logging.getLogger(__name__)
 LATEST = "latest.json"
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        os.fchmod(f.fileno(), 0o644)  # not world-writable, whatever the umask
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _torch_bytes(obj) -> bytes:
@@ -62,12 +54,12 @@ def save_checkpoint(root: Path, step: int, model, optimizer, d: Dist, trainer_st
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _write(tmp / "model.safetensors", safetensors_bytes({k: v.contiguous() for k, v in model_sd.items()}))
-            _write(tmp / "config.json", config_json.encode())
-            _write(tmp / "optimizer.pt", _torch_bytes(optim_sd))
-            _write(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
+            write_durable(tmp / "model.safetensors", safetensors_bytes({k: v.contiguous() for k, v in model_sd.items()}))
+            write_durable(tmp / "config.json", config_json.encode())
+            write_durable(tmp / "optimizer.pt", _torch_bytes(optim_sd))
+            write_durable(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1).encode())
         d.barrier()
-        _write(tmp / f"rng-rank{d.rank}.pt", _torch_bytes(rng_state(d.device)))
+        write_durable(tmp / f"rng-rank{d.rank}.pt", _torch_bytes(rng_state(d.device)))
     except OSError as e:  # a full disk: free the partial checkpoint, and name it (the OS's error names no file)
         shutil.rmtree(tmp, ignore_errors=True)
         e.filename = e.filename or str(final)

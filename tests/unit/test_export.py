@@ -171,3 +171,22 @@ def test_a_damaged_draft_file_is_one_line_naming_it_and_exit_2(damage, tmp_path,
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert str(ckpt / name) in line and "\n" not in line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])
+def test_exported_draft_and_checkpoint_files_are_0644_whatever_the_umask(umask, tmp_path):
+    from dflashkit.train.checkpoint import save_checkpoint
+    from dflashkit.train.distributed import Dist
+
+    cfg, model = random_draft()
+    target = write_target(tmp_path / "target")
+    old = os.umask(umask)
+    try:
+        out = export_draft(cfg, model.state_dict(), target, tmp_path / "draft")
+        step = save_checkpoint(tmp_path / "ckpt", 1, model, torch.optim.AdamW(model.parameters()), Dist(), {"step": 1},
+                               cfg.to_json_string(), keep=1)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+             for p in [*out.iterdir(), *step.iterdir(), step.parent / "latest.json"]}
+    assert set(modes.values()) == {"0o644"}, modes
