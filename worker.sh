@@ -87,11 +87,15 @@ fi
 [[ "${1:-}" == "--" ]] && shift
 GEN_ARGS+=("$@")
 
-# A finished shard (a requeued or resubmitted task) must not pay for a server start.
-if "$PYTHON" "$HERE/server_generate.py" "${GEN_ARGS[@]}" --check-done; then
-  echo "worker.sh: shard already done; nothing to do" >&2
-  exit 0
-fi
+# A finished shard (a requeued or resubmitted task) must not pay for a server start, nor may client arguments the
+# client refuses (exit 2, e.g. an unknown THINKING_MODES name): both are settled here, before any server starts.
+checked=0
+"$PYTHON" "$HERE/server_generate.py" "${GEN_ARGS[@]}" --check-done || checked=$?
+case "$checked" in
+  0) echo "worker.sh: shard already done; nothing to do" >&2; exit 0 ;;
+  1) ;;  # not done yet
+  *) echo "worker.sh: server_generate.py refused its arguments (above); no server started" >&2; exit "$checked" ;;
+esac
 
 
 SERVER_PIDS=()

@@ -30,6 +30,9 @@ ROLE_KEYS = ("role", "from")
 CONTENT_KEYS = ("content", "value")
 
 OUTPUT_KEY = {"oai": "messages", "sharegpt": "conversations"}
+# The thinking modes the shipped chat templates know; another name must be mapped (thinking_mode_map) to the value the
+# model's template expects, else a typo would be sent as is and the template would silently use another mode.
+THINKING_MODES = ("enabled", "disabled", "adaptive")
 SHAREGPT_ROLE = {SYSTEM: "system", USER: "human", ASSISTANT: "gpt"}
 
 
@@ -162,3 +165,12 @@ def read_conversation(record: dict) -> list[Turn]:
     if ASSISTANT not in body:
         raise BadRecord("no_assistant_turn", "conversation has no assistant turn")
     return turns
+
+
+def unknown_thinking_modes(modes: list[str], mode_map: dict[str, Any]) -> str | None:
+    """Why `modes` cannot be used (names neither in THINKING_MODES nor keys of `mode_map`), or None."""
+    unknown = [m for m in modes if m not in THINKING_MODES and m not in mode_map]
+    if not unknown:
+        return None
+    return (f"unknown mode(s) {', '.join(map(repr, unknown))}: each must be one of {', '.join(THINKING_MODES)} or a "
+            "key of the thinking mode map")

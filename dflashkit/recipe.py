@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .formats import unknown_thinking_modes
 
 STAGES = ("generate", "dump", "train")
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: worker.sh, slurm/, the stage scripts
@@ -123,6 +124,9 @@ class GenerateSpec:
         unknown = set(self.thinking_mode_map) - set(self.thinking_modes)
         if unknown:
             raise ValueError(f"generate.thinking_mode_map names modes not in thinking_modes: {sorted(unknown)}")
+        unknown = unknown_thinking_modes(self.thinking_modes, self.thinking_mode_map)
+        if unknown:
+            raise ValueError(f"generate.thinking_modes: {unknown}")
 
     def worker_env(self) -> dict[str, str]:
         """The worker.sh environment this section sets (INPUT, MODEL, OUTPUT_DIR and NUM_SHARDS come from the run)."""

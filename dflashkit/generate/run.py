@@ -28,7 +28,8 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
-from ..formats import OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages
+from ..formats import (OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages,
+                       unknown_thinking_modes)
 from ..io import JsonlAppender, atomic_write_json, iter_jsonl, repair_jsonl_tail
 from . import synth
 from .client import ConversationFailed, SamplingConfig, regenerate
@@ -268,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=None, help="default: from the Slurm array, else 1")
     p.add_argument("--shard-id", type=int, default=None, help="default: from the Slurm array, else 0")
     p.add_argument("--thinking-modes", type=_csv, default=[],
-                   help="comma list, e.g. enabled,disabled,adaptive; conversation i uses modes[i %% n]")
+                   help="comma list of enabled, disabled, adaptive (or names --thinking-mode-map maps), e.g. "
+                        "enabled,disabled; conversation i uses modes[i %% n]")
     p.add_argument("--thinking-mode-key", default="thinking_mode", help="chat_template_kwargs key for the mode")
     p.add_argument("--thinking-mode-map", type=_json_object, default={},
                    help='JSON map from mode to the value sent, e.g. \'{"enabled": true, "disabled": false}\'')
@@ -310,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.thinking_mode_map) - set(args.thinking_modes)
     if unknown:
         p.error(f"--thinking-mode-map names modes not in --thinking-modes: {sorted(unknown)}")
+    unknown = unknown_thinking_modes(args.thinking_modes, args.thinking_mode_map)
+    if unknown:
+        p.error(f"--thinking-modes: {unknown}")
     return args
 
 

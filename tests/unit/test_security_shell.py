@@ -27,6 +27,11 @@ WORKER_FREE_VARS = [
     "MAX_TOKENS", "SEED", "CONCURRENCY", "MAX_CONVERSATIONS", "SYSTEM_PROMPT", "REQUEST_TIMEOUT", "MAX_RETRIES",
     "DFLASHKIT_ROOT", "SLURM_SUBMIT_DIR", "CUDA_VISIBLE_DEVICES",
 ]
+# Typed or checked by server_generate.py's parser: a hostile value is refused by the client's argument check, which
+# worker.sh runs before it starts any server.
+CLIENT_CHECKED_VARS = {"NUM_SHARDS", "THINKING_MODES", "THINKING_MODE_MAP", "CHAT_TEMPLATE_KWARGS", "OUTPUT_FORMAT",
+                       "ON_LENGTH", "TEMPERATURE", "TOP_P", "MAX_TOKENS", "SEED", "CONCURRENCY", "MAX_CONVERSATIONS",
+                       "REQUEST_TIMEOUT", "MAX_RETRIES"}
 # Checked by the script before any use; each must be refused with its own message.
 WORKER_CHECKED_VARS = {"BACKEND": "BACKEND must be", "TP_SIZE": "TP_SIZE must be",
                        "SERVERS_PER_NODE": "SERVERS_PER_NODE must be", "PORT_BASE": "PORT_BASE must be",
@@ -58,12 +63,16 @@ def created(cwd: Path) -> list[str]:
 
 @pytest.mark.parametrize("make", [hostile, arithmetic], ids=["substitution", "arithmetic"])
 def test_worker_free_vars_and_args_never_run(make, tmp_path):
-    env = {name: make(name) for name in WORKER_FREE_VARS}
+    env = {name: make(name) for name in WORKER_FREE_VARS if name not in CLIENT_CHECKED_VARS}
     env["BACKEND"] = "sglang"
-    res = run(WORKER, env, tmp_path, "--", make("ARGV"), "--system-prompt", make("ARGV2"))
+    res = run(WORKER, env, tmp_path, "--", "--system-prompt", make("ARGV2"))
     assert res.returncode != 0
     # It went all the way: client args built, --check-done asked, a server launched (and it died: no sglang here).
     assert "starting sglang server 0" in res.stderr and "did not come up" in res.stderr, res.stderr[-2000:]
+    # The client's parser refuses the rest (and a stray argument), seen verbatim: no server is started for them.
+    refused = run(WORKER, {**env, **{name: make(name) for name in CLIENT_CHECKED_VARS}}, tmp_path, "--", make("ARGV"))
+    assert refused.returncode == 2 and "no server started" in refused.stderr, refused.stderr[-2000:]
+    assert "starting sglang server" not in refused.stderr
     assert created(tmp_path) == []
 
 
@@ -80,7 +89,7 @@ def test_generate_sbatch(tmp_path):
     env = {name: hostile(name) for name in WORKER_FREE_VARS if name != "DFLASHKIT_ROOT"}
     env.update(DFLASHKIT_ROOT=str(REPO), BACKEND="sglang", SHARD_ID="0")
     res = run(SLURM / "generate.sbatch", env, tmp_path, hostile("ARGV"))
-    assert res.returncode != 0 and "did not come up" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "no server started" in res.stderr, res.stderr[-2000:]  # the client saw it verbatim
     assert created(tmp_path) == []
     bad_shard = run(SLURM / "generate.sbatch", {"DFLASHKIT_ROOT": str(REPO), "NUM_SHARDS": "2", "MODEL": "m",
                                                  "INPUT": "i", "OUTPUT_DIR": "o",
