@@ -114,9 +114,10 @@ def repair_jsonl_tail(path: str | os.PathLike) -> int:
 class JsonlAppender:
     """Appends one JSON object per line, after repairing a torn tail.
 
-    Each line goes to the OS in one write and is flushed, so killing the process loses nothing already written; the
-    file is fsynced on close, before any done-marker can be written. A node crash can lose unsynced lines, which a
-    rerun regenerates, and tear the last one, which the next open repairs.
+    Each line goes to the OS whole, unbuffered, so killing the process loses nothing already written; the file is
+    fsynced on close, before any done-marker can be written. A write that fails (a full disk) cuts the file back to
+    its last whole line and raises the OS's error naming the file. A node crash can lose unsynced lines, which a rerun
+    regenerates, and tear the last one, which the next open repairs.
     """
 
     def __init__(self, path: str | os.PathLike, truncate: bool = False):
@@ -124,17 +125,31 @@ class JsonlAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not truncate:
             repair_jsonl_tail(self.path)
-        self._f = open(self.path, "w" if truncate else "a", encoding="utf-8")
-        os.chmod(self.path, FILE_MODE)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        self._fd: int | None = os.open(self.path, flags, FILE_MODE)
+        os.fchmod(self._fd, FILE_MODE)
 
     def write(self, obj: Any) -> None:
-        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self._f.flush()
+        line = memoryview((json.dumps(obj, ensure_ascii=False) + "\n").encode())
+        end = os.fstat(self._fd).st_size
+        try:
+            while line:
+                line = line[os.write(self._fd, line):]
+        except OSError as e:
+            os.ftruncate(self._fd, end)  # what did land of this line goes: the file ends with a whole line
+            e.filename = e.filename or str(self.path)
+            raise
 
     def close(self) -> None:
-        if not self._f.closed:
-            os.fsync(self._f.fileno())
-            self._f.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                e.filename = e.filename or str(self.path)
+                raise
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> "JsonlAppender":
         return self

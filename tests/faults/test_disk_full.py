@@ -114,3 +114,27 @@ def test_train_disk_full(smollm2_dump, small_disk, tmp_path):  # noqa: F811
     assert json.loads((latest / "trainer_state.json").read_text())["step"] == STEPS
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
     report("disk_full_train", faults_injected=1, steps_checked=STEPS)
+
+
+def test_train_metrics_disk_full(smollm2_dump, small_disk, tmp_path):  # noqa: F811
+    # One 4 kB page: ~13 rows of metrics.jsonl fit, so it fills some 13 steps into a 16-step run, before the only
+    # checkpoint (the last step's).
+    steps = 16
+    disk = small_disk("4k")
+    out = disk / "train"
+    cmd = [sys.executable, str(REPO / "train_dflash.py"), "--resume", *overrides(smollm2_dump, out, 1000),
+           f"optim.max_steps={steps}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    line = one_error_line(res)
+    assert line.endswith(f"train stopped: [Errno 28] No space left on device: '{out}/metrics.jsonl'"), line
+    data = (out / "metrics.jsonl").read_bytes()
+    rows = [json.loads(x) for x in data.splitlines()]  # nothing torn: every line whole
+    assert data.endswith(b"\n") and [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < steps
+    assert latest_checkpoint(out / "checkpoints") is None
+
+    grow(disk, "128m")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(losses(out)) == list(range(1, steps + 1))
+    report("disk_full_train_metrics", faults_injected=1, rows_before_full=len(rows), steps_checked=steps)

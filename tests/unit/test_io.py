@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +67,24 @@ def test_safe_id_keeps_distinct_ids_distinct():
     assert len({safe_id(r) for r in raws}) == len(raws)
     with pytest.raises(ValueError):
         safe_id("")
+
+
+def test_appender_on_a_full_file_system_names_the_file_and_leaves_whole_lines(tmp_path):
+    # RLIMIT_FSIZE makes a write past 1000 bytes fail (EFBIG) the way a full disk does (ENOSPC): partway into a line.
+    script = f"""
+import json, resource, signal, sys
+from dflashkit.io import JsonlAppender
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+out = JsonlAppender({str(tmp_path / "m.jsonl")!r})
+try:
+    for step in range(100):
+        out.write({{"step": step, "pad": "x" * 300}})
+except OSError as e:
+    print(json.dumps([step, e.filename]))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    step, filename = json.loads(res.stdout)
+    assert filename == str(tmp_path / "m.jsonl")
+    data = (tmp_path / "m.jsonl").read_bytes()
+    assert data.endswith(b"\n") and [json.loads(x)["step"] for x in data.splitlines()] == list(range(step))
