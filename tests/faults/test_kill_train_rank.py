@@ -1,0 +1,107 @@
+"""SIGKILL of one rank of a 2-process trainer (torchrun, gloo on CPU) at a seeded random step: every rank is gone and
+torchrun exits non-zero within a bounded time; the checkpoint latest.json names (if any) is whole, with both ranks'
+RNG states; `--resume` on 2 ranks continues from it, every later step with exactly (bitwise) the loss of an
+uninterrupted 2-rank run."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest_train import smollm2_dump  # noqa: F401  (fixture)
+from faultlib import SEED, report, rounds
+from safetensors.torch import load_file
+from test_kill_train import STEPS, losses, overrides, saved_step, steps_logged
+
+from dflashkit.train.checkpoint import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+BOUND_S = 60  # torchrun's agent sees a worker die within seconds and stops the rest
+CHECKPOINT_FILES = {"model.safetensors", "config.json", "optimizer.pt", "trainer_state.json", "rng-rank0.pt",
+                    "rng-rank1.pt"}
+
+
+def torchrun(dump: Path, out: Path, every: int) -> list[str]:
+    # Two records per rank and step: the global batch of 4 makes 2 steps per epoch of the 8-record dump.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            str(REPO / "train_dflash.py"), "--resume", *overrides(dump, out, every), "data.micro_batch_size=2"]
+
+
+def rank_pids(agent: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (its children whose environment has RANK)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != agent:
+                continue
+            env = dict(kv.split("=", 1) for kv in (stat.parent / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = int(stat.parent.name)
+    return ranks
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_kill_one_rank_of_two(smollm2_dump, tmp_path):  # noqa: F811
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core box
+    straight = tmp_path / "straight"
+    res = subprocess.run(torchrun(smollm2_dump, straight, 1000), env=env, capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    expected = losses(straight)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    faults = compared = mismatches = 0
+    exit_s = []
+    for r in range(rounds("train")):
+        rng = random.Random(SEED * 1_000_003 + 15485863 + r)
+        out = tmp_path / f"round{r}"
+        every = rng.randint(1, 3)
+        target, victim = rng.randint(every, STEPS - 2), rng.randint(0, 1)  # after a checkpoint, or in one
+        with open(tmp_path / "torchrun.log", "ab") as log:
+            agent = subprocess.Popen(torchrun(smollm2_dump, out, every), env=env, stdout=log, stderr=log)
+        while steps_logged(out) < target and agent.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
+        ranks = rank_pids(agent.pid)
+        assert agent.poll() is None and sorted(ranks) == [0, 1], "the run ended before the kill (STEPS too few?)"
+        os.kill(ranks[victim], signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            status = agent.wait(BOUND_S)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            raise AssertionError(f"torchrun still running {BOUND_S} s after rank {victim} was killed") from None
+        exit_s.append(time.monotonic() - t0)
+        faults += 1
+        assert status != 0 and not any(alive(pid) for pid in ranks.values()), (status, ranks)
+        latest = latest_checkpoint(out / "checkpoints")
+        if latest is not None:  # named by latest.json: whole, both ranks' RNG included, every file loads
+            assert {p.name for p in latest.iterdir()} == CHECKPOINT_FILES
+            load_file(latest / "model.safetensors")
+            for name in CHECKPOINT_FILES - {"model.safetensors", "config.json", "trainer_state.json"}:
+                torch.load(latest / name, weights_only=True)
+        saved = saved_step(out)
+        assert saved < STEPS
+        res = subprocess.run(torchrun(smollm2_dump, out, every), env=env, capture_output=True, text=True,
+                             timeout=900, check=False)
+        assert res.returncode == 0, res.stderr[-3000:]
+        got = losses(out)
+        for step in range(saved + 1, STEPS + 1):
+            compared += 1
+            mismatches += got[step] != expected[step]
+        assert all(got[s] == expected[s] for s in range(saved + 1, STEPS + 1)), (saved, got, expected)
+    report("kill_train_rank", rounds=rounds("train"), faults_injected=faults, resumed_steps_compared=compared,
+           loss_mismatches=mismatches, max_exit_s=round(max(exit_s, default=0), 2))
+    assert faults >= 1 or rounds("train") == 0
