@@ -43,19 +43,27 @@ class Stage:
     complete: Callable[[Path], None]  # asserts the whole output: every record there and valid, counts reconciled
 
 
-def kill_at(cmd: list[str], env: dict, reached: Callable[[], bool], delay: float, log: Path) -> int | None:
-    """Run `cmd`, wait until `reached()` (or its exit), `delay` seconds more, then SIGKILL it. Returns None when the
-    kill was sent, else the exit status it reached first. stderr goes to `log` (a pipe nobody reads could fill up
-    and stall the process)."""
+def kill_at(cmd: list[str], env: dict, reached: Callable[[], bool], delay: float, log: Path,
+            victim: Callable[[subprocess.Popen], int | None] | None = None, bound_s: float | None = None) -> int | None:
+    """Run `cmd`, wait until `reached()` (or its exit), `delay` seconds more, then SIGKILL it, or the process
+    `victim(proc)` names (e.g. one rank under torchrun; None: it is gone). Returns None when the kill was sent, else
+    the exit status it reached first. After a kill `cmd` must end within `bound_s` seconds. stderr goes to `log` (a
+    pipe nobody reads could fill up and stall the process)."""
     with open(log, "ab") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     while not reached() and proc.poll() is None:
         time.sleep(0.005)
     time.sleep(delay)
-    if proc.poll() is not None:
-        return proc.returncode
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    pid = (victim(proc) if victim else proc.pid) if proc.poll() is None else None
+    if pid is None:
+        return proc.wait()  # it finished, or is finishing, on its own
+    os.kill(pid, signal.SIGKILL)
+    try:
+        proc.wait(bound_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{cmd[:4]} still running {bound_s} s after the kill") from None
     return None
 
 
@@ -75,14 +83,14 @@ def interrupted(stage: Stage, out: Path, status: int | None, log: Path) -> bool:
 
 
 def inject_kill(cmd: list[str], env: dict, stage: Stage, out: Path, rng: random.Random, targets: tuple[int, int],
-                max_delay: float, log: Path) -> int:
+                max_delay: float, log: Path, **kill) -> int:
     """One fault: kill `cmd` once `stage.progress(out)` reaches a target drawn from `targets` (0: during startup),
     a random delay up to `max_delay` later, and judge it. A kill point the stage outran (its output checked whole)
     injected nothing: `out` is removed and a point drawn again, at most REDRAWS times in a row, so that every call
-    injects a fault. Returns how many points were drawn again."""
+    injects a fault. Returns how many points were drawn again. `kill`: kill_at's `victim` and `bound_s`."""
     for late in range(REDRAWS):
         target, delay = rng.randint(*targets), rng.uniform(0, max_delay)
-        status = kill_at(cmd, env, lambda: stage.progress(out) >= target, delay, log)  # noqa: B023 (used here)
+        status = kill_at(cmd, env, lambda: stage.progress(out) >= target, delay, log, **kill)  # noqa: B023
         if interrupted(stage, out, status, log):
             return late
         shutil.rmtree(out)
