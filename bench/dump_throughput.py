@@ -24,8 +24,8 @@ import torch
 from transformers import AutoConfig
 
 from dflashkit.dump.format import DTYPES, save_dump_record
-from dflashkit.dump.layers import default_target_layer_ids, hidden_size, num_hidden_layers
 from dflashkit.dump.plan import dump_bytes, human
+from dflashkit.model.layers import default_target_layer_ids, hidden_size, num_hidden_layers
 
 
 def time_backend(backend, items, out_dir) -> dict:

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from dflashkit.dump.layers import default_target_layer_ids
 from dflashkit.model import DFlashConfig, TargetHead
+from dflashkit.model.layers import default_target_layer_ids
 from dflashkit.train.config import DataSpec, DraftSpec, LossSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown
 from dflashkit.train.flops import batch_flops

@@ -8,6 +8,9 @@ silently.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
@@ -174,3 +177,28 @@ def unknown_thinking_modes(modes: list[str], mode_map: dict[str, Any]) -> str | 
         return None
     return (f"unknown mode(s) {', '.join(map(repr, unknown))}: each must be one of {', '.join(THINKING_MODES)} or a "
             "key of the thinking mode map")
+
+
+def records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
+    """Yield (source, record, error). A malformed line becomes an error for that line only."""
+    if path.suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)  # a broken .json file cannot be split into records: the stage stops here
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json input must hold a list of records")
+        for i, rec in enumerate(data):
+            yield f"{label}[{i}]", rec, None
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            src = f"{label}:{lineno}"
+            try:
+                yield src, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as e:
+                yield src, None, BadRecord("bad_encoding", f"{src}: not UTF-8 ({e.reason} at byte {e.start})")
+            except ValueError as e:
+                yield src, None, BadRecord("bad_json", f"{src}: {e}")

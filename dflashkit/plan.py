@@ -79,7 +79,7 @@ def dump_settings(recipe: Recipe) -> argparse.Namespace:
 
 
 def target_facts(recipe: Recipe, dump: argparse.Namespace, target_config: str | None) -> Target:
-    from .dump.layers import hidden_size, num_hidden_layers, text_config
+    from .model.layers import hidden_size, num_hidden_layers, text_config
 
     path = Path(target_config) if target_config else Path(recipe.model.path) / "config.json"
     if path.is_file():
@@ -111,9 +111,9 @@ def draft_parameters(recipe: Recipe, target: Target, dump: argparse.Namespace) -
     """The draft's parameter count as the trainer would build it, or None without the target's config.json."""
     if target.config is None or target.num_hidden_layers is None:
         return None
-    from .dump.layers import default_target_layer_ids
     from .export import expected_shapes
     from .model import DFlashConfig
+    from .model.layers import default_target_layer_ids
 
     cfg = check_train_config(recipe, recipe.run_dir())["model"]
     ids = dump.target_layer_ids or default_target_layer_ids(target.num_hidden_layers, dump.num_draft_layers)

@@ -16,6 +16,7 @@ from typing import Any
 
 from .io import atomic_write_json, read_json
 from .recipe import ROOT, STAGES, Recipe, SlurmSpec, check_train_config, recipe_dict, recipe_hash
+from .shards import ShardFiles
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dflashkit.manifest/1"
@@ -68,26 +69,12 @@ class StageJob:
         return self.stage != "train"
 
     def marker(self, shard: int) -> Path:
-        if self.stage == "generate":
-            from .generate.run import ShardPaths
-
-            return ShardPaths.of(self.out_dir, shard, self.num_shards).done
-        if self.stage == "dump":
-            from .dump.format import done_marker_path
-
-            return done_marker_path(self.out_dir, shard, self.num_shards)
+        if self.is_array:
+            return ShardFiles(self.out_dir, shard, self.num_shards).done
         return self.out_dir / "done.json"
 
     def errors_file(self, shard: int) -> Path | None:
-        if self.stage == "generate":
-            from .generate.run import ShardPaths
-
-            return ShardPaths.of(self.out_dir, shard, self.num_shards).errors
-        if self.stage == "dump":
-            from .dump.format import errors_path
-
-            return errors_path(self.out_dir, shard, self.num_shards)
-        return None
+        return ShardFiles(self.out_dir, shard, self.num_shards).errors if self.is_array else None
 
     def log_path(self, run_dir: Path, job_id: str, shard: int) -> Path:
         """Where the task's stdout+stderr go: the sbatch --output pattern, expanded."""

@@ -41,6 +41,7 @@ from .rundir import (
     stage_record,
 )
 from .serve import process_alive
+from .shards import EXIT_RETRYABLE, setup_logging
 
 log = logging.getLogger("dflashkit.slurm")
 
@@ -53,7 +54,6 @@ ACTIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending"
 # Reasons a job had while it waited in the queue: sacct keeps the last one, which says nothing about why it ended.
 QUEUE_REASONS = {"JobArrayTaskLimit", "Priority", "Resources", "BeginTime", "Dependency", "None",
                  "QOSMaxJobsPerUserLimit", "AssocMaxJobsLimit", "ReqNodeNotAvail"}
-EXIT_RETRYABLE = 75  # server_generate.py: some conversations failed retryably; a rerun finishes them
 
 
 # ---- Slurm's answers ---------------------------------------------------------------------------------------------
@@ -490,7 +490,7 @@ def submit_main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; write nothing")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. generate.num_shards=16")
     args = p.parse_args(argv)
-    _logging()
+    setup_logging()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         stages = _stage_list(args.stages, recipe.run.stages)
@@ -524,7 +524,7 @@ def status_main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="list done shards too")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
-    _logging()
+    setup_logging()
     try:
         stages = _stage_list(args.stage, list(STAGES))
         manifest, _, result = run_status(Path(args.run_dir).absolute(), stages)
@@ -577,7 +577,7 @@ def rerun_main(argv: list[str] | None = None) -> int:
                    help="default: the executor of the stage's last submission")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
-    _logging()
+    setup_logging()
     run_dir = Path(args.run_dir).absolute()
     try:
         manifest, recipe, result = run_status(run_dir)
@@ -602,8 +602,3 @@ def rerun_main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"dflashkit rerun: {e}", file=sys.stderr)
         return 1
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-

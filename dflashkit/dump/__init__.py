@@ -1,4 +1,5 @@
-"""Stage 2: hidden-state dumps. The reader side (`format`, `layers`) imports only torch; backends load lazily."""
+"""Stage 2: hidden-state dumps. The reader side (`format`) imports only torch; backends load lazily."""
+from ..model.layers import default_target_layer_ids  # noqa: F401
 from .format import (  # noqa: F401  (the trainer's import surface)
     DumpFormatError,
     list_dump_records,
@@ -6,7 +7,6 @@ from .format import (  # noqa: F401  (the trainer's import surface)
     read_meta,
     validate_dump_record,
 )
-from .layers import default_target_layer_ids  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

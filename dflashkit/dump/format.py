@@ -112,19 +112,7 @@ def list_dump_records(directory: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(directory).glob("*" + RECORD_SUFFIX) if not p.name.startswith("."))
 
 
-# ---- meta.json and shard markers ---------------------------------------------------------------------------------
-
-def shard_stem(shard_id: int, num_shards: int) -> str:
-    return f"shard-{shard_id:05d}-of-{num_shards:05d}"
-
-
-def done_marker_path(directory: str | os.PathLike, shard_id: int, num_shards: int) -> Path:
-    return Path(directory) / f"{shard_stem(shard_id, num_shards)}.done.json"
-
-
-def errors_path(directory: str | os.PathLike, shard_id: int, num_shards: int) -> Path:
-    return Path(directory) / f"{shard_stem(shard_id, num_shards)}.errors.jsonl"
-
+# ---- meta.json and shard markers (their names: dflashkit/shards.py) -----------------------------------------------
 
 def validate_meta(meta: Any, where: str = META_NAME) -> dict:
     def fail(msg: str) -> None:

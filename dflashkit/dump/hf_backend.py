@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .layers import hf_hidden_states_index
+from ..model.layers import hf_hidden_states_index
 
 log = logging.getLogger("dflashkit.dump")
 

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
+from ..model.layers import default_target_layer_ids, hidden_size, num_hidden_layers
 from .format import DTYPES
-from .layers import default_target_layer_ids, hidden_size, num_hidden_layers
 
 PER_FILE_OVERHEAD = 4096  # torch.save zip framing, 64-byte alignment and the pickled dict: ~2.3 KB measured
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..formats import BadRecord, read_conversation
-from ..generate.inputs import records_of_file
+from ..formats import BadRecord, read_conversation, records_of_file
 from ..io import safe_id
 
 log = logging.getLogger("dflashkit.dump")

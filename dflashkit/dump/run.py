@@ -8,6 +8,7 @@ stops the shard with exit 1 and no marker; the rerun resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -17,11 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..formats import BadRecord
-from ..generate.inputs import resolve_shard
-from ..io import JsonlAppender, atomic_write_json
-from ..templates import MaskSource, mask_source, read_template, template_sha256
-from . import format as fmt
-from .layers import (
+from ..model.layers import (
     CONVENTION,
     FINAL_STATE,
     check_target_layer_ids,
@@ -29,12 +26,26 @@ from .layers import (
     hidden_size,
     num_hidden_layers,
 )
-from .records import generated_files, iter_generated, record_messages
+from ..shards import (
+    EXIT_FAILED,
+    EXIT_OK,
+    ErrorLog,
+    ShardCounts,
+    ShardFiles,
+    UnusableInput,
+    add_shard_flags,
+    fingerprint,
+    require_usable,
+    resolve_shard,
+    setup_logging,
+    write_done_marker,
+)
+from ..templates import MaskSource, mask_source, read_template, template_sha256
+from . import format as fmt
+from .records import GeneratedRecord, generated_files, iter_generated, record_messages
 from .tokenize import tokenize_conversation
 
 log = logging.getLogger("dflashkit.dump")
-
-EXIT_OK, EXIT_FAILED = 0, 1
 # Reasons that mean "the input breaks a rule" (kind skipped); anything else is kind error.
 SKIP_REASONS = {"too_long", "empty", "no_assistant_turn", "role_order", "missing_key", "bad_id", "duplicate_id",
                 "unknown_role", "non_text_content", "bad_type", "ambiguous", "bad_json", "bad_encoding"}
@@ -77,8 +88,9 @@ def build_parser(prog: str, backend: str | None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help="conversations per backend call (vllm 64, hf 1); vLLM keeps each capture file of a call on "
                         "disk until it is read")
-    p.add_argument("--num-shards", type=int, default=None, help="default: from the Slurm array, else 1")
-    p.add_argument("--shard-id", type=int, default=None, help="default: from the Slurm array, else 0")
+    add_shard_flags(p)
+    p.add_argument("--allow-empty-input", action="store_true",
+                   help="an input with no records completes the shard (by default it is a failure)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -142,24 +154,37 @@ def make_backend(args: argparse.Namespace, meta: dict):
                        max_num_batched_tokens=args.max_num_batched_tokens)
 
 
-class Counters:
-    def __init__(self) -> None:
-        self.input = self.written = self.skipped = self.errors = self.resumed = 0
-        self.tokens = self.loss_tokens = self.truncated = 0
+@dataclasses.dataclass
+class DumpCounts(ShardCounts):
+    resumed: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    truncated: int = 0
 
     def add_tokens(self, mask: torch.Tensor) -> None:
         self.tokens += mask.numel()
         self.loss_tokens += int(mask.sum())
 
 
+def readable(rec: GeneratedRecord) -> bool:
+    return rec.error is None or rec.error.reason not in ("bad_encoding", "bad_json")
+
+
+def same_tokens(old: dict, input_ids: list[int], loss_mask: list[int]) -> bool:
+    """An earlier file is kept only for the same tokens: a regenerated conversation (T > 0) gets a new record."""
+    return old["input_ids"].tolist() == input_ids and old["loss_mask"].tolist() == loss_mask
+
+
 def run_shard(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
-    done = fmt.done_marker_path(out_dir, args.shard_id, args.num_shards)
-    stem = fmt.shard_stem(args.shard_id, args.num_shards)
+    files = ShardFiles(out_dir, args.shard_id, args.num_shards)
+    done, stem = files.done, files.name
     if done.exists():
         log.info("%s is already done (%s); nothing to do", stem, done)
         return EXIT_OK
-    generated_files(args.input)  # a missing or empty input fails here, before anything is written
+    generated_files(args.input)  # a missing or empty input dir fails here, before anything is written
+    made_from = fingerprint(args.input)  # taken before reading: a generate shard redone meanwhile makes this stale
+    all_records = require_usable(iter_generated(args.input), readable, f"input {args.input}", args.allow_empty_input)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
@@ -171,22 +196,15 @@ def run_shard(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt.write_meta(out_dir, static)  # refuses a dir holding a different dump before any work
 
-    c = Counters()
+    c = DumpCounts()
     t0 = time.time()
     backend = None
     seen: set[str] = set()
     pending: list[tuple[str, list[int], list[int]]] = []
-    with JsonlAppender(fmt.errors_path(out_dir, args.shard_id, args.num_shards), truncate=True) as errors:
+    with ErrorLog(files.errors, "dump", c, log) as errors:
 
         def fail(cid: str, source: str, exc: BadRecord) -> None:
-            kind = "skipped" if exc.reason in SKIP_REASONS else "error"
-            errors.write({"id": cid, "source": source, "stage": "dump", "kind": kind, "reason": exc.reason,
-                          "detail": exc.detail})
-            log.warning("%s (%s): %s %s: %s", cid, source, kind, exc.reason, exc.detail)
-            if kind == "skipped":
-                c.skipped += 1
-            else:
-                c.errors += 1
+            errors.fail(cid, source, "skipped" if exc.reason in SKIP_REASONS else "error", exc.reason, exc.detail)
 
         def flush() -> None:
             nonlocal backend
@@ -210,7 +228,7 @@ def run_shard(args: argparse.Namespace) -> int:
                 progress.update(1)
             pending.clear()
 
-        records = (r for r in iter_generated(args.input) if r.position % args.num_shards == args.shard_id)
+        records = (r for r in all_records if r.position % args.num_shards == args.shard_id)
         progress = tqdm(desc=stem, unit="conv", disable=args.no_progress)
         try:
             for rec in records:
@@ -222,23 +240,26 @@ def run_shard(args: argparse.Namespace) -> int:
                 if rec.error is not None:
                     fail(rec.id, rec.source, rec.error)
                     continue
-                path = out_dir / (rec.id + fmt.RECORD_SUFFIX)
-                if path.exists():
-                    try:
-                        old = fmt.load_dump_record(path, static, mmap=True)
-                        c.written += 1
-                        c.resumed += 1
-                        c.add_tokens(old["loss_mask"])
-                        progress.update(1)
-                        continue
-                    except fmt.DumpFormatError as e:
-                        log.warning("%s: redoing an unusable earlier file: %s", rec.id, e)
                 try:
                     tok = tokenize_conversation(tokenizer, record_messages(rec.record), rec.template_kwargs,
                                                 template, args.max_seq_len, args.length_policy, args.end_of_turn)
                 except BadRecord as e:
                     fail(rec.id, rec.source, e)
                     continue
+                path = out_dir / (rec.id + fmt.RECORD_SUFFIX)
+                if path.exists():
+                    try:
+                        old = fmt.load_dump_record(path, static, mmap=True)
+                    except fmt.DumpFormatError as e:
+                        log.warning("%s: redoing an unusable earlier file: %s", rec.id, e)
+                    else:
+                        if same_tokens(old, tok.input_ids, tok.loss_mask):
+                            c.written += 1
+                            c.resumed += 1
+                            c.add_tokens(old["loss_mask"])
+                            progress.update(1)
+                            continue
+                        log.info("%s: the conversation changed since its earlier file; redoing it", rec.id)
                 if tok.truncated_from is not None:
                     c.truncated += 1
                     log.info("%s: truncated from %d to %d tokens", rec.id, tok.truncated_from, len(tok.input_ids))
@@ -253,23 +274,20 @@ def run_shard(args: argparse.Namespace) -> int:
     wall = time.time() - t0
     summary = (f"input={c.input} written={c.written} (resumed {c.resumed}) skipped={c.skipped} errors={c.errors} "
                f"tokens={c.tokens} loss_tokens={c.loss_tokens} truncated={c.truncated} wall={wall:.1f}s")
-    if c.written + c.skipped + c.errors != c.input:
+    if not c.balanced():
         log.error("%s counts do not add up: %s", stem, summary)
         return EXIT_FAILED
-    atomic_write_json(done, {
-        "stage": "dump", "shard_id": args.shard_id, "num_shards": args.num_shards,
-        "counts": {"input": c.input, "written": c.written, "skipped": c.skipped, "errors": c.errors,
-                   "resumed": c.resumed},
-        "tokens": {"total": c.tokens, "loss": c.loss_tokens, "truncated": c.truncated},
-        "wall_time_s": round(wall, 3), "args": vars(args), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    write_done_marker(done, "dump", {**c.marker_counts(), "resumed": c.resumed}, made_from,
+                      shard_id=args.shard_id, num_shards=args.num_shards,
+                      tokens={"total": c.tokens, "loss": c.loss_tokens, "truncated": c.truncated},
+                      wall_time_s=round(wall, 3), args=vars(args))
     fmt.write_meta(out_dir, static)  # refresh the counts with this shard's marker
     log.info("%s done: %s", stem, summary)
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None, backend: str | None = None, prog: str = "dflashkit dump") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv, prog, backend)
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
     try:
@@ -277,6 +295,6 @@ def main(argv: list[str] | None = None, backend: str | None = None, prog: str = 
     except fmt.DumpFormatError as e:  # the shard cannot start: one clear line, exit 1
         log.error("%s", e)
         return EXIT_FAILED
-    except OSError as e:  # a missing input, a full disk: the shard cannot go on; one line with the path, exit 1
-        log.error("dump %s: %s", fmt.shard_stem(args.shard_id, args.num_shards), e)
+    except (OSError, UnusableInput) as e:  # a missing or empty input, a full disk: one line with the path, exit 1
+        log.error("dump %s: %s", ShardFiles(Path(args.output_dir), args.shard_id, args.num_shards).name, e)
         return EXIT_FAILED

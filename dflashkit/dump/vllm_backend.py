@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .layers import vllm_capture_id
+from ..model.layers import vllm_capture_id
 
 log = logging.getLogger("dflashkit.dump")
 

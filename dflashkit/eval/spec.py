@@ -24,8 +24,8 @@ import dataclasses
 
 import torch
 
-from dflashkit.dump.layers import hf_hidden_states_index
 from dflashkit.model import DFlashDraft
+from dflashkit.model.layers import hf_hidden_states_index
 from dflashkit.model.masks import block_inputs, dense_mask, previous_tokens, training_mask
 
 

@@ -8,13 +8,11 @@ source name and position; either way they go through `safe_id`, so they are stab
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..formats import BadRecord
+from ..formats import BadRecord, records_of_file
 from ..io import safe_id
 
 ID_KEYS = ("id", "conversation_id", "question_id")
@@ -39,31 +37,6 @@ def _source_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     raise FileNotFoundError(f"{path}: no such file or directory")
-
-
-def records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadRecord | None]]:
-    """Yield (source, record, error). A malformed line becomes an error for that line only."""
-    if path.suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)  # a broken .json file cannot be split into records: the stage stops here
-        if isinstance(data, dict):
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: a .json input must hold a list of records")
-        for i, rec in enumerate(data):
-            yield f"{label}[{i}]", rec, None
-        return
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            src = f"{label}:{lineno}"
-            try:
-                yield src, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError as e:
-                yield src, None, BadRecord("bad_encoding", f"{src}: not UTF-8 ({e.reason} at byte {e.start})")
-            except ValueError as e:
-                yield src, None, BadRecord("bad_json", f"{src}: {e}")
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -121,35 +94,3 @@ def iter_inputs(spec: str) -> Iterator[InputRecord]:
 
 def shard_of(index: int, num_shards: int) -> int:
     return index % num_shards
-
-
-def slurm_shard_defaults(num_shards: int | None, env=os.environ) -> tuple[int, int] | None:
-    """(shard_id, num_shards) from a Slurm array task, or None outside one.
-
-    With an explicit shard count the array task id is the shard id: that is how a rerun submits a sparse array
-    (`--array=3,7`) of an n-shard run. Without one, the array itself defines the shards; arrays need not start at 0
-    (`--array=1-16` gives shards 0..15).
-    """
-    if "SLURM_ARRAY_TASK_ID" not in env:
-        return None
-    task = int(env["SLURM_ARRAY_TASK_ID"])
-    if num_shards is not None:
-        return task, num_shards
-    lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-    hi = int(env.get("SLURM_ARRAY_TASK_MAX", task))
-    return task - lo, int(env.get("SLURM_ARRAY_TASK_COUNT", hi - lo + 1))
-
-
-def resolve_shard(parser, args) -> None:
-    """Fill args.shard_id / args.num_shards from the flags or the Slurm array; parser.error on a bad combination.
-
-    Shared by every sharded stage (generate, dump), so all of them read the array the same way.
-    """
-    if args.shard_id is None:
-        slurm = slurm_shard_defaults(args.num_shards)
-        args.shard_id, slurm_count = slurm if slurm else (0, 1)
-        args.num_shards = args.num_shards or slurm_count
-    elif args.num_shards is None:
-        parser.error("--shard-id needs --num-shards")
-    if not 0 <= args.shard_id < args.num_shards:
-        parser.error(f"--shard-id {args.shard_id} is outside [0, {args.num_shards})")

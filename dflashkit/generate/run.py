@@ -30,30 +30,26 @@ from tqdm import tqdm
 
 from ..formats import (OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages,
                        unknown_thinking_modes)
-from ..io import JsonlAppender, atomic_write_json, iter_jsonl, repair_jsonl_tail
+from ..io import JsonlAppender, iter_jsonl, repair_jsonl_tail, sha256_file
+from ..shards import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_RETRYABLE,
+    ErrorLog,
+    ShardCounts,
+    ShardFiles,
+    UnusableInput,
+    add_shard_flags,
+    require_usable,
+    resolve_shard,
+    setup_logging,
+    write_done_marker,
+)
 from . import synth
 from .client import ConversationFailed, SamplingConfig, regenerate
-from .inputs import InputRecord, iter_inputs, resolve_shard, shard_of
+from .inputs import InputRecord, iter_inputs, shard_of
 
 log = logging.getLogger("dflashkit.generate")
-
-EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75  # 75 = EX_TEMPFAIL: try again
-
-
-def shard_name(shard_id: int, num_shards: int) -> str:
-    return f"shard-{shard_id:05d}-of-{num_shards:05d}"
-
-
-@dataclasses.dataclass
-class ShardPaths:
-    output: Path
-    errors: Path
-    done: Path
-
-    @classmethod
-    def of(cls, output_dir: Path, shard_id: int, num_shards: int) -> "ShardPaths":
-        base = output_dir / shard_name(shard_id, num_shards)
-        return cls(Path(f"{base}.jsonl"), Path(f"{base}.errors.jsonl"), Path(f"{base}.done.json"))
 
 
 def thinking_mode_of(index: int, modes: list[str]) -> str | None:
@@ -86,11 +82,6 @@ def output_record(rec: InputRecord, convo, stats, mode, kwargs, repairs, args) -
     return out
 
 
-def error_line(rec: InputRecord, reason: str, detail: str, kind: str) -> dict[str, Any]:
-    return {"id": rec.id, "index": rec.index, "source": rec.source, "stage": "generate", "kind": kind,
-            "reason": reason, "detail": detail}
-
-
 def done_ids(path: Path) -> set[str]:
     """Ids already in a shard file (its torn tail cut first). A duplicate means the file is corrupt: refuse it."""
     if not path.exists():
@@ -104,13 +95,19 @@ def done_ids(path: Path) -> set[str]:
     return ids
 
 
-class Counters:
-    def __init__(self) -> None:
-        self.written = self.skipped = self.errors = self.retryable = 0
-        self.prompt_tokens = self.completion_tokens = 0
+@dataclasses.dataclass
+class GenerateCounts(ShardCounts):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
-async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[str]) -> tuple[int, Counters]:
+def readable(rec: InputRecord) -> bool:
+    """A record that could at least be read as JSON (a bad one is counted; an input of only those is unusable)."""
+    return rec.error is None or rec.error.reason not in ("bad_encoding", "bad_json")
+
+
+async def _run_shard(args: argparse.Namespace, files: ShardFiles, already: set[str],
+                     records) -> GenerateCounts:
     cfg = SamplingConfig(
         model=args.model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
         seed=args.seed, timeout=args.request_timeout, max_retries=args.max_retries, on_length=args.on_length,
@@ -118,18 +115,16 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
     )
     api_key = os.environ.get("OPENAI_API_KEY") or "EMPTY"
     clients = [openai.AsyncOpenAI(base_url=u, api_key=api_key, max_retries=args.max_retries) for u in args.base_url]
-    counts = Counters()
-    inputs = 0
+    counts = GenerateCounts()
     queue: asyncio.Queue = asyncio.Queue(maxsize=args.concurrency * 4)
-    bar = tqdm(desc=shard_name(args.shard_id, args.num_shards), unit="conv", disable=args.no_progress,
+    bar = tqdm(desc=files.name, unit="conv", disable=args.no_progress,
                file=sys.stderr, mininterval=2.0)
     start = time.monotonic()
 
-    with JsonlAppender(paths.output) as out, JsonlAppender(paths.errors, truncate=True) as errs:
+    with JsonlAppender(files.records) as out, ErrorLog(files.errors, "generate", counts, log) as errs:
 
         def fail(rec: InputRecord, exc: BadRecord | ConversationFailed, kind: str) -> None:
-            errs.write(error_line(rec, exc.reason, exc.detail, kind))
-            log.error("conversation %s (%s) %s: %s: %s", rec.id, rec.source, kind, exc.reason, exc.detail[:300])
+            errs.fail(rec.id, rec.source, kind, exc.reason, exc.detail, index=rec.index)
 
         async def worker() -> None:
             while (item := await queue.get()) is not None:
@@ -142,12 +137,7 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
                 try:
                     convo, stats = await regenerate(client, skeleton, cfg, kwargs)
                 except ConversationFailed as e:
-                    if e.retryable:
-                        counts.retryable += 1
-                        fail(rec, e, "retryable")
-                    else:
-                        counts.errors += 1
-                        fail(rec, e, "error")
+                    fail(rec, e, "retryable" if e.retryable else "error")
                 else:
                     out.write(output_record(rec, convo, stats, mode, kwargs, repairs, args))
                     counts.written += 1
@@ -171,13 +161,10 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
                 if put.done():
                     return
                 await asyncio.wait([put, *(w for w in workers if not w.done())], return_when=asyncio.FIRST_COMPLETED)
-        records = iter_inputs(args.input)
-        if args.max_conversations is not None:
-            records = itertools.islice(records, args.max_conversations)
         for rec in records:
             if shard_of(rec.index, args.num_shards) != args.shard_id:
                 continue
-            inputs += 1
+            counts.input += 1
             if rec.id in already:
                 counts.written += 1
                 bar.update(1)
@@ -189,57 +176,57 @@ async def _run_shard(args: argparse.Namespace, paths: ShardPaths, already: set[s
                 if args.system_prompt and skeleton[0].role != SYSTEM:
                     skeleton.insert(0, Turn(SYSTEM, args.system_prompt))
             except BadRecord as e:
-                counts.skipped += 1
                 fail(rec, e, "skipped")
                 bar.update(1)
                 continue
-            await put_or_raise((inputs, rec, skeleton, repairs))
+            await put_or_raise((counts.input, rec, skeleton, repairs))
         for _ in workers:
             await put_or_raise(None)
         await asyncio.gather(*workers)
     bar.close()
     for c in clients:
         await c.close()
-    return inputs, counts
+    return counts
 
 
 def run_shard(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
-    paths = ShardPaths.of(output_dir, args.shard_id, args.num_shards)
-    if paths.done.exists():
-        log.info("%s is already done (%s); nothing to do", shard_name(args.shard_id, args.num_shards), paths.done)
+    files = ShardFiles(output_dir, args.shard_id, args.num_shards)
+    if files.done.exists():
+        log.info("%s is already done (%s); nothing to do", files.name, files.done)
         return EXIT_OK
+    # Read up to the first readable record before any file exists: a missing, empty or unreadable input leaves nothing.
+    records = require_usable(iter_inputs(args.input), readable, f"input {args.input}", args.allow_empty_input)
+    if args.max_conversations is not None:
+        records = itertools.islice(records, args.max_conversations)
     output_dir.mkdir(parents=True, exist_ok=True)
-    already = done_ids(paths.output)
+    already = done_ids(files.records)
     if already:
-        log.info("resuming: %d conversations already in %s", len(already), paths.output)
+        log.info("resuming: %d conversations already in %s", len(already), files.records)
     t0 = time.time()
-    inputs, c = asyncio.run(_run_shard(args, paths, already))
+    c = asyncio.run(_run_shard(args, files, already, records))
     wall = time.time() - t0
-    summary = (f"input={inputs} written={c.written} skipped={c.skipped} errors={c.errors} "
+    summary = (f"input={c.input} written={c.written} skipped={c.skipped} errors={c.errors} "
                f"retryable={c.retryable} completion_tokens={c.completion_tokens} wall={wall:.1f}s")
     if c.retryable:
-        log.error("%s incomplete: %s; rerun the shard to retry the failed conversations", paths.output.name, summary)
+        log.error("%s incomplete: %s; rerun the shard to retry the failed conversations", files.records.name, summary)
         return EXIT_RETRYABLE
-    if c.written + c.skipped + c.errors != inputs:
-        log.error("%s counts do not add up: %s", paths.output.name, summary)
+    if not c.balanced():
+        log.error("%s counts do not add up: %s", files.records.name, summary)
         return EXIT_FAILED
-    written_now = len(done_ids(paths.output))
+    written_now = len(done_ids(files.records))
     if written_now != c.written:
-        log.error("%s holds %d conversations but %d were counted", paths.output, written_now, c.written)
+        log.error("%s holds %d conversations but %d were counted", files.records, written_now, c.written)
         return EXIT_FAILED
-    atomic_write_json(paths.done, {
-        "stage": "generate",
-        "shard_id": args.shard_id,
-        "num_shards": args.num_shards,
-        "counts": {"input": inputs, "written": c.written, "skipped": c.skipped, "errors": c.errors},
+    write_done_marker(
+        files.done, "generate", c.marker_counts(), {},
+        shard_id=args.shard_id, num_shards=args.num_shards,
         # Tokens of this attempt only: conversations resumed from an earlier attempt were counted there.
-        "tokens": {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
-        "wall_time_s": round(wall, 3),
-        "args": {k: v for k, v in vars(args).items() if k != "base_url"},
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    log.info("%s done: %s", paths.output.name, summary)
+        tokens={"prompt": c.prompt_tokens, "completion": c.completion_tokens},
+        # What the later stages were made from: a redone shard has another hash, so they show as stale.
+        output_sha256=sha256_file(files.records),
+        wall_time_s=round(wall, 3), args={k: v for k, v in vars(args).items() if k != "base_url"})
+    log.info("%s done: %s", files.records.name, summary)
     return EXIT_OK
 
 
@@ -266,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", action="append", default=None,
                    help="server URL ending in /v1; repeat to spread over several servers (default from "
                         "DFLASHKIT_BASE_URLS, comma-separated)")
-    p.add_argument("--num-shards", type=int, default=None, help="default: from the Slurm array, else 1")
-    p.add_argument("--shard-id", type=int, default=None, help="default: from the Slurm array, else 0")
+    add_shard_flags(p)
+    p.add_argument("--allow-empty-input", action="store_true",
+                   help="an input with no records completes the shard (by default it is a failure)")
     p.add_argument("--thinking-modes", type=_csv, default=[],
                    help="comma list of enabled, disabled, adaptive (or names --thinking-mode-map maps), e.g. "
                         "enabled,disabled; conversation i uses modes[i %% n]")
@@ -319,17 +307,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "openai"):  # one line per request drowns the shard's own log
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging(quiet=("httpx", "httpx2", "openai"))  # one line per request drowns the shard's own log
     args = parse_args(argv)
     if args.check_done:
-        return EXIT_OK if ShardPaths.of(Path(args.output_dir), args.shard_id, args.num_shards).done.exists() else 1
+        return EXIT_OK if ShardFiles(Path(args.output_dir), args.shard_id, args.num_shards).done.exists() else 1
     log.info("resolved configuration: %s", json.dumps(vars(args), sort_keys=True, default=str))
     if args.synthesize is not None:
         return synth.synthesize_shard(args)
     try:
         return run_shard(args)
-    except OSError as e:  # a full disk, a missing input: the shard cannot go on; one line, exit 1
-        log.error("%s: %s", shard_name(args.shard_id, args.num_shards), e)
+    except (OSError, UnusableInput) as e:  # a full disk, a missing or empty input: one line, exit 1
+        log.error("%s: %s", ShardFiles(Path(args.output_dir), args.shard_id, args.num_shards).name, e)
         return EXIT_FAILED

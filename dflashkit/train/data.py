@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
-from dflashkit.dump.layers import CONVENTION
+from dflashkit.model.layers import CONVENTION
 from dflashkit.model.masks import block_labels
 
 log = logging.getLogger(__name__)

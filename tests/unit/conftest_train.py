@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
-from dflashkit.dump.layers import CONVENTION
 from dflashkit.model import DFlashConfig
+from dflashkit.model.layers import CONVENTION
 from dflashkit.prepare import model_dir
 
 GREEDY = Path(__file__).with_name("train_smollm2_greedy.json")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dflashkit.dump import format as fmt
-from dflashkit.dump.layers import check_target_layer_ids, default_target_layer_ids, num_hidden_layers
+from dflashkit.model.layers import check_target_layer_ids, default_target_layer_ids, num_hidden_layers
+from dflashkit.shards import shard_name
 
 
 def make_record(cid="c1", t=6, h=4, n=2, mask=None, dtype=torch.float32):
@@ -78,7 +79,7 @@ def test_torn_or_renamed_file_is_an_error(tmp_path):
 def test_meta_refuses_a_different_dump_and_sums_markers(tmp_path):
     fmt.write_meta(tmp_path, make_meta())
     for k in range(2):
-        (tmp_path / f"{fmt.shard_stem(k, 2)}.done.json").write_text(json.dumps(
+        (tmp_path / f"{shard_name(k, 2)}.done.json").write_text(json.dumps(
             {"shard_id": k, "counts": {"written": 3, "errors": k}, "tokens": {"total": 10, "loss": 4}}))
     meta = fmt.read_meta(tmp_path)
     assert meta["counts"] == {"written": 6, "errors": 1} and meta["tokens"] == {"total": 20, "loss": 8}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dflashkit.dump.hf_backend import HFBackend, decoder_layers
-from dflashkit.dump.layers import default_target_layer_ids, hf_hidden_states_index, vllm_capture_id
+from dflashkit.model.layers import default_target_layer_ids, hf_hidden_states_index, vllm_capture_id
 from dflashkit.prepare import model_dir
 
 

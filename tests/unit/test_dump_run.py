@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from dflashkit.dump import format as fmt
 from dflashkit.dump.run import main
 from dflashkit.prepare import model_dir
+from dflashkit.shards import ShardFiles
 
 
 def dump(gen, out, *extra):
@@ -25,7 +26,7 @@ def test_shards_of_bad_records_finish_with_counts_and_reasons(tmp_path):
         assert dump(gen, out, "--num-shards", "2", "--shard-id", str(shard)) == 0
     lines = {}
     for shard in (0, 1):
-        for line in fmt.errors_path(out, shard, 2).read_text().splitlines():
+        for line in ShardFiles(out, shard, 2).errors.read_text().splitlines():
             x = json.loads(line)
             lines[x["id"]] = (x["reason"], shard)
     # every record in exactly one shard: the one its generation.index names
@@ -35,7 +36,7 @@ def test_shards_of_bad_records_finish_with_counts_and_reasons(tmp_path):
     meta = fmt.read_meta(out)
     assert meta["counts"] == {"input": 5, "written": 0, "skipped": 5, "errors": 0, "resumed": 0}
     assert meta["shards_done"] == [0, 1] and meta["target_layer_ids"] == [1, 8, 14, 20, 27]
-    marker = json.loads(fmt.done_marker_path(out, 0, 2).read_text())
+    marker = json.loads(ShardFiles(out, 0, 2).done.read_text())
     assert marker["counts"]["input"] == len([1 for _, s in lines.values() if s == 0])
     assert dump(gen, out, "--num-shards", "2", "--shard-id", "0") == 0  # done: nothing to do
 
@@ -46,7 +47,7 @@ def test_a_different_dump_into_the_same_dir_is_refused(tmp_path):
     assert dump(gen, out) == 0
     before = (out / "meta.json").read_text()
     assert dump(gen, out, "--num-shards", "2", "--shard-id", "1", "--target-layer-ids", "1,2") == 1
-    assert (out / "meta.json").read_text() == before and not fmt.done_marker_path(out, 1, 2).exists()
+    assert (out / "meta.json").read_text() == before and not ShardFiles(out, 1, 2).done.exists()
     assert dump(tmp_path / "missing", tmp_path / "other") == 1 and not (tmp_path / "other").exists()
 
 

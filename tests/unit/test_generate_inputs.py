@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from dflashkit.generate.inputs import iter_inputs, shard_of, slurm_shard_defaults
+from dflashkit.generate.inputs import iter_inputs, shard_of
+from dflashkit.shards import slurm_shard_defaults
 
 
 def write_jsonl(path, records):

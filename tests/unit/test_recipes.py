@@ -212,8 +212,8 @@ def test_plan_counts_the_draft_the_trainer_builds(prepared):
     import torch
 
     from dflashkit.config import from_dict
-    from dflashkit.dump.layers import default_target_layer_ids
     from dflashkit.model import DFlashDraft
+    from dflashkit.model.layers import default_target_layer_ids
     from dflashkit.train.config import TrainConfig
     from dflashkit.train.loop import draft_config
 

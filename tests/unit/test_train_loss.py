@@ -135,7 +135,7 @@ def test_global_batch_is_the_same_however_it_is_split():
 
 def test_dump_dirs_with_other_layers_or_conventions_are_refused(tmp_path):
     from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
-    from dflashkit.dump.layers import CONVENTION
+    from dflashkit.model.layers import CONVENTION
 
     for name, layers, convention in (("a", [1, 3], CONVENTION), ("b", [1, 4], CONVENTION), ("c", [1, 3], "hf index")):
         directory = tmp_path / name
