@@ -33,9 +33,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
     "check-template": ("dflashkit.template_check", "prove a loss mask (model template, or training template) is exact"),
     "plan-dump": ("dflashkit.dump.plan", "disk of a hidden-state dump (per token, per conversation, total) from a model config"),
-    "submit": ("dflashkit.slurm:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
-    "status": ("dflashkit.slurm:status_main", "per stage and shard of a run: done/failed/running/pending/missing"),
-    "rerun": ("dflashkit.slurm:rerun_main", "resubmit exactly the failed and missing shards of a stage"),
+    "submit": ("dflashkit.submit:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
+    "status": ("dflashkit.status:status_main", "per stage and shard of a run: done/stale/failed/running/pending/missing"),
+    "rerun": ("dflashkit.submit:rerun_main", "resubmit the failed, missing and stale shards of a stage, and the stages after it"),
     "plan": ("dflashkit.plan", "a recipe's shards, disk per stage and GPU-hours (from BENCHMARKS.md), before submitting"),
 }
 

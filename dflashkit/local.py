@@ -1,8 +1,9 @@
 """The local executor: a stage's shards as subprocesses on this machine, N at a time, for machines without Slurm
 (the demo, laptops, CI without a cluster). `dflashkit submit` uses it when `sbatch` is not on PATH.
 
-It runs the very scripts sbatch runs (`bash slurm/<stage>.sbatch`), with SHARD_ID in place of the array task id, so
-a stage behaves the same under both executors. Each task's exit code and times go into the manifest as they finish;
+It runs the very scripts sbatch runs (`bash slurm/<stage>.sbatch`), with SHARD_ID in place of the array task id, and
+a function stage as `python -m` of its module (what submitit calls on Slurm), so a stage behaves the same under both
+executors. Each task's exit code and times go into the manifest as they finish;
 status and rerun read them the way they read Slurm's records.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from .rundir import StageJob, now, save_manifest, stage_record
+from .rundir import now, save_manifest, stage_record
+from .stages import StageJob
 
 log = logging.getLogger("dflashkit.local")
 
@@ -55,7 +57,7 @@ def run_stage(run_dir: Path, manifest: dict, job: StageJob, indices: list[int], 
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 out = open(log_path, "ab")  # noqa: SIM115 (held by the task; closed when it ends)
                 # Its own session: an interrupt stops the task's whole process group (servers included).
-                proc = subprocess.Popen(["bash", str(job.script), *job.args], env=task_env(job, shard), stdout=out,
+                proc = subprocess.Popen(job.command(), env=task_env(job, shard), stdout=out,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
                 running[shard] = (proc, out)
                 tasks[str(shard)] = {"started_at": now(), "exit_code": None, "log": str(log_path)}

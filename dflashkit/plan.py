@@ -31,7 +31,7 @@ from pathlib import Path
 from .config import ConfigError
 from .dump.plan import ITEMSIZE, dump_bytes, human
 from .recipe import ROOT, Recipe, check_train_config, load_recipe
-from .rundir import flags
+from .stages import flags
 
 # Measured here: 2,979 ShareGPT conversations are 21.1 MB of JSONL for 4.82M tokens (SmolLM2's tokenizer), and a
 # generated record carries ~520 bytes of id, thinking mode and generation metadata besides its text (2 turns).
@@ -229,7 +229,7 @@ def eval_command(recipe: Recipe) -> list[str]:
 
 
 def render(rows: list[StageCost], facts: dict, after: list[list[str]]) -> str:
-    from .slurm import format_table
+    from .status import format_table
 
     layers = facts["target_layer_ids"] or f"{facts['target_layers']} (spread over [1, L-3])"
     n, t, h = facts["num_conversations"], facts["mean_tokens"], facts["hidden_size"]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .formats import unknown_thinking_modes
 
-STAGES = ("generate", "dump", "train")
+STAGES = ("generate", "dump", "train", "eval")  # the recipe's stage sections; what each runs: dflashkit/stages.py
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: worker.sh, slurm/, the stage scripts
 
 
@@ -188,7 +188,9 @@ class ExportSpec:
 
 @dataclass
 class EvalSpec:
+    """The eval stage: `dflashkit export` (the export section) then `dflashkit eval` with `args`, on one GPU node."""
     args: dict[str, Any] = field(default_factory=dict)  # flags of `dflashkit eval` (dflashkit/eval/run.py)
+    slurm: SlurmSpec = field(default_factory=lambda: SlurmSpec(time="04:00:00"))
 
 
 def fp8_kv_cache_flags(extra_args: str | None) -> list[str]:
@@ -230,9 +232,6 @@ class Recipe:
                     f"{key} sets {flagged[0]}, but model.allow_fp8_kv_cache is false: this model's attention "
                     "kernel rejects an fp8 KV cache (MiniMax-M3's MSA sparse attention). Remove the flag; the KV "
                     "cache stays in the model's dtype (bf16)")
-
-    def stage(self, name: str) -> GenerateSpec | DumpSpec | TrainSpec:
-        return getattr(self, name)
 
     def run_dir(self) -> Path:
         return Path(self.run.dir or Path("runs") / self.run.name).absolute()
@@ -281,10 +280,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
-def recipe_dict(recipe: Recipe) -> dict:
-    return to_dict(recipe)
-
-
 def recipe_hash(recipe: Recipe) -> str:
     """sha256 of the resolved recipe as canonical JSON: two runs with the same hash ran the same settings."""
-    return hashlib.sha256(json.dumps(recipe_dict(recipe), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(to_dict(recipe), sort_keys=True).encode()).hexdigest()

@@ -8,7 +8,8 @@ import pytest
 
 from dflashkit.config import ConfigError
 from dflashkit.recipe import ROOT, load_recipe, recipe_hash
-from dflashkit.rundir import ManifestError, StageUnavailable, flags, load_manifest, open_run, stage_job
+from dflashkit.rundir import ManifestError, load_manifest, open_run
+from dflashkit.stages import StageUnavailable, flags, stage_job
 
 DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 

@@ -18,8 +18,8 @@ from dflashkit import plan as planner
 from dflashkit.config import ConfigError
 from dflashkit.dump.plan import PER_FILE_OVERHEAD
 from dflashkit.recipe import ROOT, load_recipe
-from dflashkit.rundir import stage_job
 from dflashkit.serve import server_command, split_extra_args
+from dflashkit.stages import stage_job
 from dflashkit.templates import read_template
 
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))

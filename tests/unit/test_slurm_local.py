@@ -11,8 +11,10 @@ import pytest
 
 from dflashkit import local
 from dflashkit.recipe import ROOT, load_recipe
-from dflashkit.rundir import load_manifest, open_run, stage_job
-from dflashkit.slurm import rerun_indices, stage_status
+from dflashkit.rundir import load_manifest, open_run
+from dflashkit.stages import stage_job
+from dflashkit.status import stage_status
+from dflashkit.submit import rerun_indices
 
 DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 

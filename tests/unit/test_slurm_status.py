@@ -7,18 +7,11 @@ import json
 import pytest
 
 from dflashkit.recipe import ROOT, load_recipe
-from dflashkit.rundir import StageUnavailable, open_run, stage_job
-from dflashkit.slurm import (
-    array_spec,
-    errors_summary,
-    expand_indices,
-    log_tail_reason,
-    parse_sacct,
-    parse_squeue,
-    rerun_indices,
-    sbatch_command,
-    stage_status,
-)
+from dflashkit.rundir import open_run
+from dflashkit.slurm import array_spec, expand_indices, parse_sacct, parse_squeue, sbatch_command
+from dflashkit.stages import StageUnavailable, stage_job
+from dflashkit.status import errors_summary, log_tail_reason, stage_status
+from dflashkit.submit import rerun_indices
 
 DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 
@@ -178,7 +171,7 @@ def test_dependent_job_cancelled_before_start_names_its_dependency(run):
 
 
 def test_auto_executor_is_local_without_sbatch(tmp_path, monkeypatch):
-    from dflashkit.slurm import pick_executor
+    from dflashkit.submit import pick_executor
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     assert pick_executor("auto") == "local"
