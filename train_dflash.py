@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Train a DFlash draft from hidden-state dumps. Under torchrun for several GPUs/nodes:
 
-    torchrun --nproc-per-node 8 train_dflash.py --config configs/train/qwen3-8b.yaml data.dump_dirs=[RUN/dump]
+    torchrun --nproc-per-node 8 train_dflash.py --config configs/train/smollm2-gpu.yaml target_model=MODEL \
+        output_dir=RUN/train data.dump_dirs=[RUN/dump]
 
-See `python train_dflash.py --help` and docs/TRAINING.md.
+A recipe's train stage runs it with the resolved `train.config` (`dflashkit submit`, slurm/train.sbatch). See
+`python train_dflash.py --help` and docs/TRAINING.md.
 """
 import sys
 
