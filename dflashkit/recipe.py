@@ -88,10 +88,11 @@ class ModelSpec:
 
 @dataclass
 class GenerateSpec:
-    """worker.sh's variables, lower-cased. Null keeps the worker's / server_generate.py's default."""
+    """worker.sh's variables, lower-cased. Null keeps the worker's / server_generate.py's default, which lives in one
+    place: dflashkit/generate/settings.py."""
     input: str = ""
     num_shards: int = 1
-    backend: Literal["vllm", "sglang"] = "vllm"
+    backend: Literal["vllm", "sglang"] | None = None
     tp_size: int | None = None
     servers_per_node: int | None = None
     server_startup_timeout: int | None = None

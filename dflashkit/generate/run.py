@@ -48,6 +48,7 @@ from ..shards import (
 from . import synth
 from .client import ConversationFailed, SamplingConfig, regenerate
 from .inputs import InputRecord, iter_inputs, shard_of
+from .settings import default
 
 log = logging.getLogger("dflashkit.generate")
 
@@ -242,6 +243,7 @@ def _csv(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Defaults: dflashkit/generate/settings.py, the one table worker.sh, the recipe and the docs are checked against.
     p = argparse.ArgumentParser(
         prog="server_generate.py",
         description="Regenerate the assistant turns of a prompt dataset shard against an OpenAI-compatible server.",
@@ -259,24 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thinking-modes", type=_csv, default=[],
                    help="comma list of enabled, disabled, adaptive (or names --thinking-mode-map maps), e.g. "
                         "enabled,disabled; conversation i uses modes[i %% n]")
-    p.add_argument("--thinking-mode-key", default="thinking_mode", help="chat_template_kwargs key for the mode")
+    p.add_argument("--thinking-mode-key", default=default("THINKING_MODE_KEY"),
+                   help="chat_template_kwargs key for the mode")
     p.add_argument("--thinking-mode-map", type=_json_object, default={},
                    help='JSON map from mode to the value sent, e.g. \'{"enabled": true, "disabled": false}\'')
     p.add_argument("--chat-template-kwargs", type=_json_object, default={}, help="JSON object sent with every request")
-    p.add_argument("--think-tags", nargs=2, default=["<think>", "</think>"], metavar=("OPEN", "CLOSE"),
+    p.add_argument("--think-tags", nargs=2,
+                   default=[default("THINK_OPEN_TAG"), default("THINK_CLOSE_TAG")], metavar=("OPEN", "CLOSE"),
                    help="tags wrapping reasoning the server returned separately")
-    p.add_argument("--output-format", choices=sorted(OUTPUT_KEY), default="oai")
-    p.add_argument("--on-length", choices=["keep", "drop"], default="keep",
+    p.add_argument("--output-format", choices=sorted(OUTPUT_KEY), default=default("OUTPUT_FORMAT"))
+    p.add_argument("--on-length", choices=["keep", "drop"], default=default("ON_LENGTH"),
                    help="a reply cut by max_tokens: keep it (marked truncated) or drop the conversation")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=default("TEMPERATURE"))
+    p.add_argument("--top-p", type=float, default=default("TOP_P"))
+    p.add_argument("--max-tokens", type=int, default=default("MAX_TOKENS"))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system-prompt", default=None, help="added to conversations that have no system turn")
     p.add_argument("--max-conversations", type=int, default=None, help="read only the first N input records")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--max-retries", type=int, default=5, help="retries on connection errors, 429 and 5xx")
+    p.add_argument("--concurrency", type=int, default=default("CONCURRENCY"))
+    p.add_argument("--request-timeout", type=float, default=default("REQUEST_TIMEOUT"),
+                   help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=default("MAX_RETRIES"),
+                   help="retries on connection errors, 429 and 5xx")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--check-done", action="store_true",
                    help="only report: exit 0 if this shard's done-marker exists, else 1 (needs no server)")
