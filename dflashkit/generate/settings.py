@@ -1,9 +1,9 @@
 """The generate stage's settings, each with its one default: worker.sh's variables, server_generate.py's flags and the
 recipe's generate keys (the variables in lower case) are the same knobs.
 
-server_generate.py takes its flag defaults from here; README's variable table and docs/RECIPES.md's generate table
-are printed from here (`python -m dflashkit.generate.settings readme|recipes`), and tests/unit/test_generate_settings.py
-fails when they, worker.sh's own `${VAR:-default}` or the recipe's fields drift from it. Standard library only.
+server_generate.py takes its flag defaults from here and README's variable table is printed from here (`python -m
+dflashkit.generate.settings readme`); tests/unit/test_generate_settings.py fails when that table, docs/RECIPES.md's
+generate table, worker.sh's own `${VAR:-default}` or the recipe's generate fields drift from it. Standard library only.
 """
 from __future__ import annotations
 
@@ -98,30 +98,12 @@ def readme_table() -> str:
     return "\n".join(rows)
 
 
-def recipes_table() -> str:
-    """docs/RECIPES.md's generate keys: the recipe's own default (dflashkit/recipe.py), and what null means."""
-    import json
-
-    from ..recipe import GenerateSpec
-
-    spec = GenerateSpec()
-    rows = ["| key | default | when null: the worker's default; meaning |", "|---|---|---|"]
-    for s in SETTINGS:
-        if s.recipe:
-            value = getattr(spec, s.key)
-            shown = "required for submit" if value == "" else f"`{'null' if value is None else json.dumps(value)}`"
-            worker = s.shown or ("none" if s.default is None else f"`{s.default}`")
-            rows.append(f"| `generate.{s.key}` | {shown} | {worker + '; ' if value is None else ''}{s.meaning} |")
-    return "\n".join(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    tables = {"readme": readme_table, "recipes": recipes_table}
-    if len(argv) != 1 or argv[0] not in tables:
-        print("usage: python -m dflashkit.generate.settings readme|recipes", file=sys.stderr)
+    if argv != ["readme"]:
+        print("usage: python -m dflashkit.generate.settings readme", file=sys.stderr)
         return 2
-    print(tables[argv[0]]())
+    print(readme_table())
     return 0
 
 
