@@ -1,7 +1,7 @@
 """`dflashkit demo`: the whole pipeline on SmolLM2-135M-Instruct, on this machine, with the local executor.
 
-prepare -> generate -> dump -> train (dflashkit submit, local executor) -> export -> eval (our loop and vLLM), then a
-short report: counts per stage, tau from both loops, where the files are. It is the recipe
+prepare -> generate -> dump -> train -> export + eval (our loop and vLLM), all four stages by `dflashkit submit` with
+the local executor, then a short report: counts per stage, tau from both loops, where the files are. It is the recipe
 `configs/smollm2-demo.yaml` run end to end; any dotted override of that recipe can be passed
 (`dflashkit demo generate.max_conversations=32`).
 """
@@ -15,7 +15,6 @@ from pathlib import Path
 from .eval.plots import training_curve
 from .eval.run import headline
 from .io import read_json
-from .plan import eval_command, export_command
 from .prepare import prepare
 from .recipe import ROOT, load_recipe
 
@@ -66,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     _step("prepare (model and prompts)", lambda: prepare() and 0)
     overrides = [f"run.dir={Path(args.run_dir).absolute()}", "run.executor=local", *args.overrides]
     recipe = load_recipe(DEMO_RECIPE, overrides)
-    _step("generate, dump, train (local executor)", cli.main,
-          ["submit", "--recipe", str(DEMO_RECIPE), "--stages", "generate,dump,train", *overrides])
-    _step("export", cli.main, export_command(recipe)[1:])
-    train_log = recipe.run_dir() / "train" / "metrics.jsonl"
-    _step("eval (our loop and vLLM)", cli.main, [*eval_command(recipe)[1:], "--train-log", str(train_log)])
+    _step("generate, dump, train, export + eval (local executor)", cli.main,
+          ["submit", "--recipe", str(DEMO_RECIPE), "--stages", "generate,dump,train,eval", *overrides])
     print(f"\n{report(recipe.run_dir())}\ndemo finished in {time.monotonic() - t0:.0f} s")
     return 0

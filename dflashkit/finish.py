@@ -28,8 +28,11 @@ def export_and_eval(run_dir: str) -> dict:
     recipe = from_dict(Recipe, load_manifest(run)["recipe"])
     made_from = fingerprint(run / "train")
     # --overwrite: a rerun of this stage (a failed eval, a retrained draft) replaces the draft it exported before.
+    # --train-log: the report's loss curve, from the run's own training.
+    train_log = run / "train" / "metrics.jsonl"
     steps = [("export", export.main, [*export_command(recipe)[2:], "--overwrite"]),
-             ("eval", evaluate.main, eval_command(recipe)[2:])]
+             ("eval", evaluate.main, [*eval_command(recipe)[2:], *(["--train-log", str(train_log)]
+                                                                  if train_log.exists() else [])])]
     for name, main, argv in steps:
         code = main(argv)
         if code:
