@@ -25,6 +25,14 @@ def prepared() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dump(prepared) -> Path:
+    """A dump dir of 8 SmolLM2 conversations (96-token greedy replies), target layers [1, 14, 27]."""
+    from tests.helpers.train import smollm2_dump_dir  # torch and transformers: only for the tests that use it
+
+    return smollm2_dump_dir()
+
+
+@pytest.fixture(scope="session")
 def vllm_server(prepared, tmp_path_factory) -> serve.RunningServer:
     if os.environ.get("DFLASHKIT_TEST_VLLM_URL"):
         yield serve.RunningServer(os.environ["DFLASHKIT_TEST_VLLM_URL"], os.environ["DFLASHKIT_TEST_VLLM_KEY"],

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # conftest_dump, conftest_train
 
 
 def pytest_configure(config):

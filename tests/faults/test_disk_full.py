@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest_dump import good_records, write_shard
-from conftest_train import smollm2_dump  # noqa: F401  (fixture)
 from faultlib import report
 from test_kill_train import STEPS, losses, overrides
 
@@ -19,6 +17,7 @@ from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.io import iter_jsonl
 from dflashkit.prepare import model_dir
 from dflashkit.train.checkpoint import latest_checkpoint
+from tests.helpers.dumps import good_records, write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 SHARD = "shard-00000-of-00001"
@@ -96,7 +95,7 @@ def test_dump_disk_full(prepared, small_disk, tmp_path):
            duplicated=len(names) - len(set(names)))
 
 
-def test_train_disk_full(smollm2_dump, small_disk, tmp_path):  # noqa: F811
+def test_train_disk_full(smollm2_dump, small_disk, tmp_path):
     disk = small_disk("16m")  # a checkpoint is ~27 MB (weights 9 MB, AdamW state 18 MB): the first one cannot be written
     out = disk / "train"
     cmd = [sys.executable, str(REPO / "train_dflash.py"), "--resume", *overrides(smollm2_dump, out, 2)]

@@ -12,13 +12,13 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from conftest_dump import good_records, write_shard
 from faultlib import SEED, Stage, inject_kill, report, rounds
 
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.dump.format import RECORD_KEYS
 from dflashkit.dump.run import main as dump_main
 from dflashkit.prepare import model_dir
+from tests.helpers.dumps import good_records, write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 N = 4  # a CPU dumps one SmolLM2 record in seconds; the long run adds rounds, not records

@@ -11,7 +11,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
 from faultlib import SEED, Stage, inject_kill, report, rounds
 
 from dflashkit.config import load_config
@@ -19,6 +18,7 @@ from dflashkit.prepare import model_dir
 from dflashkit.train.checkpoint import latest_checkpoint
 from dflashkit.train.config import TrainConfig
 from dflashkit.train.loop import train
+from tests.helpers.train import MASK_TOKEN_ID
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -59,7 +59,7 @@ def whole_run(out: Path, expected: dict[int, float]) -> None:
     assert losses(out) == expected
 
 
-def test_kill_trainer_at_random_steps(smollm2_dump, tmp_path):  # noqa: F811
+def test_kill_trainer_at_random_steps(smollm2_dump, tmp_path):
     straight = tmp_path / "straight"
     old_umask = os.umask(0)  # the trainer's files must not be world-writable even so
     try:

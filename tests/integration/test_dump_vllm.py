@@ -3,10 +3,8 @@ layer and the final state; bad records are counted with reasons and the rest dum
 without ever taking a partial file for a finished one. One vLLM engine start for the whole module."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,8 @@ from dflashkit.dump.format import RECORD_KEYS
 from dflashkit.dump.plan import dump_bytes
 from dflashkit.dump.run import main as dump_main
 from dflashkit.prepare import model_dir
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from conftest_dump import bad_records, good_records, write_shard
+from tests.helpers.dumps import bad_records, good_records, write_shard
+from tests.helpers.procs import kill_when
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -100,11 +97,7 @@ def test_resume_after_kill_never_reads_a_partial_file(dumps):
     out = root / "killed"
     proc = subprocess.Popen(dump_cmd("hf", gen, out), env={**os.environ, **CPU_ENV}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not list_dump_records(out) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: list_dump_records(out), timeout=300)
     assert not (out / "shard-00000-of-00001.done.json").exists(), "killed too late: the shard had finished"
     before = list_dump_records(out)
     assert 1 <= len(before) < 5

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from dflashkit.io import iter_jsonl
+from tests.helpers.procs import kill_when, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -165,11 +166,7 @@ def test_resume_after_kill(vllm_server, prepared, tmp_path):
            "--no-progress"]
     env = {**os.environ, "OPENAI_API_KEY": vllm_server.api_key}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(jsonl(shard)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: len(jsonl(shard)) >= 2, timeout=120, every=0.2)
     before = len(jsonl(shard))
     assert 2 <= before < 8, "the kill must land mid-shard"
     assert not (out / "shard-00000-of-00001.done.json").exists()
@@ -214,9 +211,7 @@ def test_sigterm_to_the_worker_alone_stops_it_during_startup(prompt_dir, tmp_pat
     env = worker_env(INPUT=str(prompt_dir), OUTPUT_DIR=str(tmp_path / "gen"), SERVED_MODEL_NAME=name)
     proc = subprocess.Popen(["bash", str(WORKER)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    deadline = time.monotonic() + 60
-    while not _server_processes(name) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: _server_processes(name), timeout=60)
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()

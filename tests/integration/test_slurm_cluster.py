@@ -7,16 +7,11 @@ import sys
 import time
 
 import pytest
-from test_slurm import _cluster_problem, sacct_job, wait_until  # same directory (pytest rootdir imports)
 
-pytestmark = pytest.mark.integration
+from tests.helpers.procs import wait_until
+from tests.helpers.slurm import sacct_job
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster")]
 
 
 def sh(*cmd: str) -> str:

@@ -11,15 +11,14 @@ import json
 
 import pytest
 from safetensors.torch import save_file
-from test_slurm import cluster, dflashkit, settled, status, wait_until  # noqa: F401  (same directory)
 
 from dflashkit.model import DFlashConfig, DFlashDraft
-from dflashkit.recipe import ROOT
 from dflashkit.shards import fingerprint, write_done_marker
+from tests.helpers.procs import wait_until
+from tests.helpers.slurm import DEMO, dflashkit, settled, status
 
 pytestmark = pytest.mark.integration
 
-DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 EVAL = ["eval.args.vllm=false", "eval.args.per_category=null", "eval.args.limit=1", "eval.args.max_new_tokens=4",
         "eval.args.skip_lossless=true", "eval.slurm.time=00:10:00"]
 
@@ -39,7 +38,7 @@ def fake_training(run_dir, target, seed: int) -> None:
     write_done_marker(run_dir / "train" / "done.json", "train", None, {}, seed=seed)
 
 
-def test_eval_stage_runs_through_submitit_and_goes_stale_with_a_new_draft(cluster, prepared, tmp_path):  # noqa: F811
+def test_eval_stage_runs_through_submitit_and_goes_stale_with_a_new_draft(cluster, prepared, tmp_path):
     run_dir = tmp_path / "run"
     fake_training(run_dir, prepared["model"], seed=0)
     out = dflashkit("submit", "--recipe", str(DEMO), "--stages", "eval", "--executor", "slurm",

@@ -11,32 +11,17 @@ import subprocess
 
 import pytest
 import torch
-from test_slurm import (
-    DEMO,
-    _cluster_problem,
-    dflashkit,
-    records,
-    sacct_job,
-    settled,
-    shard_states,
-    wait_until,
-)
 
 from dflashkit.io import iter_jsonl
+from tests.helpers.procs import wait_until
+from tests.helpers.slurm import DEMO, dflashkit, records, sacct_job, settled, shard_states
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cluster")]
 
 N = 6  # one shard, one request at a time: long enough (seconds per conversation) to be requeued mid-shard
 GENERATE = ["generate.num_shards=1", f"generate.max_conversations={N}", "generate.max_tokens=16",
             "generate.temperature=0.0", "generate.seed=0", "generate.concurrency=1",
             "generate.server_startup_timeout=400", "generate.slurm.time=00:20:00"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
 
 
 def test_requeued_generate_task_resumes_and_every_conversation_lands_once(prepared, tmp_path):

@@ -5,7 +5,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+
+from tests.helpers.procs import wait_until
 
 
 def test_sigterm_runs_cleanup_and_exits_143(tmp_path):
@@ -21,10 +22,7 @@ def test_sigterm_runs_cleanup_and_exits_143(tmp_path):
     code = "import sys, dflashkit.cli as c; c.COMMANDS['slow'] = ('slowcmd', ''); sys.exit(c.main(['slow']))"
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
-    deadline = time.time() + 60
-    while not (tmp_path / "started").exists():
-        assert proc.poll() is None and time.time() < deadline, "the command did not start"
-        time.sleep(0.1)
+    wait_until("the command to start", lambda: (tmp_path / "started").exists(), timeout=60, every=0.1, proc=proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 143
     assert (tmp_path / "cleaned").exists(), "the finally block did not run"

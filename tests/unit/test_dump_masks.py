@@ -4,9 +4,6 @@ loss; meta.json says which source was used; a reply the template rewrites beyond
 counted like the dump's other bad records."""
 import json
 
-from conftest_dump import good_records, write_shard
-from conftest_train import MASK_TOKEN_ID
-
 from dflashkit.config import from_dict
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.dump.run import main as dump_main
@@ -14,6 +11,8 @@ from dflashkit.prepare import model_dir
 from dflashkit.templates import read_template
 from dflashkit.train.config import TrainConfig
 from dflashkit.train.loop import train
+from tests.helpers.dumps import good_records, write_shard
+from tests.helpers.train import MASK_TOKEN_ID
 
 
 def dump(gen, out, template):

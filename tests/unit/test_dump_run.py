@@ -4,13 +4,13 @@ write a different dump into the same directory."""
 import json
 
 import pytest
-from conftest_dump import bad_records, write_shard
 from transformers import AutoTokenizer
 
 from dflashkit.dump import format as fmt
 from dflashkit.dump.run import main
 from dflashkit.prepare import model_dir
 from dflashkit.shards import ShardFiles
+from tests.helpers.dumps import bad_records, write_shard
 
 
 def dump(gen, out, *extra):

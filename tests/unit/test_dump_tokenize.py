@@ -1,7 +1,6 @@
 """Loss masks of the dump: exactly the assistant outputs plus end-of-turn, in every thinking mode, multi-turn; the
 thinking mode replayed from the record; bad records refused with their reason."""
 import pytest
-from conftest_dump import bad_records, generated_record, good_records, write_shard
 from transformers import AutoTokenizer
 
 from dflashkit.dump.records import iter_generated, record_messages
@@ -9,6 +8,7 @@ from dflashkit.dump.tokenize import tokenize_conversation
 from dflashkit.formats import BadRecord
 from dflashkit.prepare import model_dir
 from dflashkit.templates import assistant_spans, read_template
+from tests.helpers.dumps import bad_records, generated_record, good_records, write_shard
 
 TEMPLATE = read_template("smollm2-thinking-train")
 

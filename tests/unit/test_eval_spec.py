@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest_train import tiny_config
 
 from dflashkit.eval.spec import SpeculativeDecoder, acceptance_stats, speculative_step
 from dflashkit.eval.vllm_metrics import parse_spec_counters
 from dflashkit.model import DFlashDraft
+from tests.helpers.train import tiny_config
 
 PROMPT = [5, 17, 42, 9, 63, 2, 88, 31]
 

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest_train import tiny_config
 from safetensors.torch import load_file
 
 from dflashkit.export import DraftMismatch, export_draft, load_draft, main, read_draft, resolve_checkpoint
 from dflashkit.model import DFlashDraft
 from dflashkit.model.masks import dense_mask
+from tests.helpers.train import tiny_config
 
 
 def write_target(path, **overrides):

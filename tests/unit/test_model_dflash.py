@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from conftest_train import tiny_config
 
 from dflashkit.model import DFlashConfig, DFlashDraft
 from dflashkit.model.masks import block_inputs, block_labels, dense_mask
+from tests.helpers.train import tiny_config
 
 # The layout of z-lab/Qwen3-4B-DFlash-b16's config.json (values as published).
 ZLAB_QWEN3_4B = {

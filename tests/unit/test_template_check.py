@@ -100,10 +100,9 @@ def masked_text(tokenizer, ids, mask) -> list[str]:
 def test_a_template_without_generation_tags_gives_the_replies_and_end_of_turn(tokenizer):
     """SmolLM2's own checkpoint template (no tags, no thinking modes), through the dump's tokenization with no
     template named: one span per reply, exactly the reply plus <|im_end|>."""
-    from conftest_dump import good_records
-
     from dflashkit.dump.records import record_messages
     from dflashkit.dump.tokenize import tokenize_conversation
+    from tests.helpers.dumps import good_records
 
     assert not templates.has_generation_spans(tokenizer.chat_template)
     for rec in good_records(0, 4):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_train import tiny_config
 
 from dflashkit.model import TargetHead
 from dflashkit.model.masks import block_labels, dense_mask
@@ -20,6 +19,7 @@ from dflashkit.train.distributed import Dist
 from dflashkit.train.flops import batch_flops, sequence_flops
 from dflashkit.train.loop import Trainer
 from dflashkit.train.loss import block_loss
+from tests.helpers.train import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
 
 from dflashkit.config import from_dict
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
@@ -23,6 +22,7 @@ from dflashkit.train import data
 from dflashkit.train.config import TrainConfig
 from dflashkit.train.distributed import Dist
 from dflashkit.train.loop import Trainer, draft_config, train
+from tests.helpers.train import MASK_TOKEN_ID
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,7 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoints" / latest / "model.safetensors")
 
 
-def test_target_head_gives_the_targets_greedy_tokens(smollm2_dump):  # noqa: F811
+def test_target_head_gives_the_targets_greedy_tokens(smollm2_dump):
     """The fake base (embed_tokens = lm_head, tied; the final norm) on the dumped pre-norm final states reproduces
     the tokens SmolLM2 chose greedily: the KD path's target logits are the target's."""
     head = TargetHead.from_pretrained(model_dir())
@@ -73,7 +73,7 @@ def test_target_head_gives_the_targets_greedy_tokens(smollm2_dump):  # noqa: F81
     assert agree / total >= 0.99, (agree, total)
 
 
-def test_training_lowers_loss_and_raises_accuracy(smollm2_dump, tmp_path):  # noqa: F811
+def test_training_lowers_loss_and_raises_accuracy(smollm2_dump, tmp_path):
     assert train(recipe(smollm2_dump, tmp_path), resume=False) == 0
     rows = metrics(tmp_path)
     assert sorted(rows) == list(range(1, 31))
@@ -88,7 +88,7 @@ def test_training_lowers_loss_and_raises_accuracy(smollm2_dump, tmp_path):  # no
     assert (tmp_path / "checkpoints" / "step-00000030" / "config.json").exists()
 
 
-def test_heldout_records_are_kept_out_of_training_and_scored_at_checkpoints(smollm2_dump, tmp_path):  # noqa: F811
+def test_heldout_records_are_kept_out_of_training_and_scored_at_checkpoints(smollm2_dump, tmp_path):
     all_paths = list_dump_records(smollm2_dump)
     train_paths, heldout_paths = data.split_heldout(all_paths, 2)
     assert len(heldout_paths) == 2 and sorted(train_paths + heldout_paths) == sorted(all_paths)
@@ -107,7 +107,7 @@ def test_heldout_records_are_kept_out_of_training_and_scored_at_checkpoints(smol
     assert rows[-1]["loss"] < rows[0]["loss"]  # the draft learns the target's features, not just these 6 texts
 
 
-def test_heldout_score_is_the_training_steps_loss_without_the_update(smollm2_dump):  # noqa: F811
+def test_heldout_score_is_the_training_steps_loss_without_the_update(smollm2_dump):
     """evaluate() computes what step() reports (the loss and stats of the weights before the update), and changes
     no weight."""
     cfg = recipe(smollm2_dump, Path("unused"))
@@ -135,7 +135,7 @@ def _two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
     train(cfg, resume=False)
 
 
-def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_path):  # noqa: F811
+def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_path):
     # KD and D-PACE on, so every loss path is compared. A large Adam eps keeps the first updates proportional to
     # the gradients (with eps ~ 0 they are lr * sign(g), which flips on gradients that are float noise). Two records
     # are held out: one rank scores both, or each of two ranks scores one; the sums must agree.
@@ -161,7 +161,7 @@ def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_pa
             torch.testing.assert_close(wa[name], wb[name], atol=2e-6, rtol=1e-4, msg=f"{mode} {name}")
 
 
-def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):  # noqa: F811
+def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):
     common = {"optim__max_steps": 6, "optim__epochs": 1}
     assert train(recipe(smollm2_dump, tmp_path / "straight", **common), resume=False) == 0
     killed = tmp_path / "killed"

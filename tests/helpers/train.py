@@ -4,7 +4,8 @@ The dump is written with the dump stage's writer (`dflashkit.dump.format`). Its 
 greedy answers to the first 8 MT-Bench prompts, recorded once as token ids in `train_smollm2_greedy.json` (generating
 them takes minutes on a CPU; a forward pass does not). One HF forward pass per conversation gives the hidden states at
 the target layers (`hidden_states[k + 1]`) and the pre-norm output of the last decoder layer (a hook: HF's last
-`hidden_states` entry is already normed). Built once per test process.
+`hidden_states` entry is already normed). Built once per test process; the session fixture `smollm2_dump`
+(tests/conftest.py) hands it out.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch
 
 from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
@@ -23,7 +23,7 @@ from dflashkit.model import DFlashConfig
 from dflashkit.model.layers import CONVENTION
 from dflashkit.prepare import model_dir
 
-GREEDY = Path(__file__).with_name("train_smollm2_greedy.json")
+GREEDY = Path(__file__).resolve().parent.parent / "data" / "train_smollm2_greedy.json"
 
 LAYER_IDS = [1, 14, 27]
 MASK_TOKEN_ID = 16  # SmolLM2's <empty_output>: a special token chats never contain
@@ -38,7 +38,7 @@ def tiny_config(**overrides) -> DFlashConfig:
 
 
 @functools.cache
-def _smollm2_dump() -> Path:
+def smollm2_dump_dir() -> Path:
     from transformers import AutoModelForCausalLM
 
     out = Path(tempfile.mkdtemp(prefix="dflashkit-smollm2-dump-"))
@@ -63,9 +63,3 @@ def _smollm2_dump() -> Path:
         "max_seq_len": 4096, "length_policy": "skip", "chat_template_sha256": "test", "chat_template": "tokenizer",
     })
     return out
-
-
-@pytest.fixture(scope="session")
-def smollm2_dump(prepared) -> Path:
-    """A dump dir of 8 SmolLM2 conversations (96-token greedy replies), target layers [1, 14, 27]."""
-    return _smollm2_dump()
