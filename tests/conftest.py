@@ -59,3 +59,18 @@ def worker_env(prepared):
         return env
 
     return build
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Seconds spent per test folder (setup + call + teardown), the figure docs/TESTS.md records per folder."""
+    totals: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            nodeid, duration = getattr(report, "nodeid", ""), getattr(report, "duration", None)
+            if duration is None or not nodeid.startswith("tests/"):
+                continue
+            folder = nodeid.split("/")[1]
+            totals[folder] = totals.get(folder, 0.0) + duration
+    if totals:
+        terminalreporter.write_line("test time per folder: " + ", ".join(
+            f"{folder} {seconds:.0f} s" for folder, seconds in sorted(totals.items())))

@@ -80,7 +80,8 @@ def test_cancelled_shard_is_reported_failed_with_reason(slurm_run):
     victim = st["stages"]["generate"]["shards"][VICTIM]
     assert victim["slurm_state"] == "CANCELLED" and "CANCELLED" in victim["reason"]
     assert victim["log"] and Path(victim["log"]).exists()
-    assert st["stages"]["generate"]["counts"] == {"done": 3, "failed": 1, "running": 0, "pending": 0, "missing": 0}
+    assert st["stages"]["generate"]["counts"] == {"done": 3, "stale": 0, "failed": 1, "running": 0, "pending": 0,
+                                                 "missing": 0}
     assert slurm_run["failed_table"].returncode == 1  # status exits non-zero while a shard failed
     assert "CANCELLED" in slurm_run["failed_table"].stdout
 

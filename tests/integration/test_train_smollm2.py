@@ -24,6 +24,8 @@ from dflashkit.train.distributed import Dist
 from dflashkit.train.loop import Trainer, draft_config, train
 from tests.helpers.train import MASK_TOKEN_ID
 
+pytestmark = pytest.mark.integration  # it spawns the trainer (torchrun, 2 processes): minutes, not seconds
+
 REPO = Path(__file__).resolve().parents[2]
 
 
