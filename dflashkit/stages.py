@@ -18,7 +18,7 @@ from typing import Any
 
 from .io import atomic_write_json
 from .recipe import ROOT, Recipe, SlurmSpec, check_train_config
-from .shards import ShardFiles
+from .shards import EXIT_RETRYABLE, ShardFiles
 
 
 class StageUnavailable(RuntimeError):
@@ -143,12 +143,13 @@ class Stage:
     build: Callable[[Recipe, Path], StageJob]  # the job for a recipe; raises StageUnavailable
     prepare: Callable[[Recipe, Path, StageJob], None] | None = None  # files it needs before it runs
     retryable_exit: int | None = None  # an exit code that means "rerun me" (generate: 75)
+    resumes_from: str | None = None  # partial state in its output dir that a rerun resumes from (train: checkpoints)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("generate", _generate, retryable_exit=75),
+    Stage("generate", _generate, retryable_exit=EXIT_RETRYABLE),
     Stage("dump", _dump),
-    Stage("train", _train, prepare=_write_train_config),
+    Stage("train", _train, prepare=_write_train_config, resumes_from="checkpoints"),
     Stage("eval", _eval),
 )}
 STAGE_NAMES = tuple(STAGES)

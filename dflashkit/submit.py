@@ -23,7 +23,7 @@ from .recipe import Recipe, load_recipe
 from .rundir import ManifestError, now, open_run, save_manifest, stage_record
 from .shards import fingerprint, is_stale, read_marker, retire_marker, setup_logging
 from .slurm import ACTIVE, array_spec, cancel, query_tasks, sbatch, sbatch_command, submitit_submit
-from .stages import STAGE_NAMES, StageJob, StageUnavailable, later_stages, prepare_stage, stage_job
+from .stages import STAGE_NAMES, STAGES, StageJob, StageUnavailable, later_stages, prepare_stage, stage_job
 from .status import ShardStatus, run_status, stage_list
 
 log = logging.getLogger("dflashkit.submit")
@@ -44,20 +44,20 @@ def shards_to_run(job: StageJob) -> list[int]:
             or (current is not None and is_stale(read_marker(job.marker(k)), current))]
 
 
-def retire(job: StageJob, indices: list[int]) -> None:
-    """Take the markers of shards about to run again out of the way. A one-job stage (train, eval) that was done
-    moves its whole output dir aside: the trainer would otherwise resume from the old run's last checkpoint."""
+def retire(job: StageJob, indices: list[int], upstream_redone: bool) -> None:
+    """Take the markers of shards about to run again out of the way. A one-job stage (train, eval) that was done, or
+    whose partial state was made from upstream output that is being redone, moves its whole output dir aside: the
+    trainer would otherwise resume from the old run's last checkpoint."""
+    partial = STAGES[job.stage].resumes_from
     for k in indices:
         marker = job.marker(k)
-        if not marker.exists():
-            continue
         if job.is_array:
             retire_marker(marker)
-        else:
+        elif marker.exists() or (upstream_redone and partial and (job.out_dir / partial).exists()):
             aside = job.out_dir.with_name(f"{job.out_dir.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
             job.out_dir.rename(aside)
-            print(f"{job.stage}: was made from older {job.upstream.name if job.upstream else 'input'}; "
-                  f"its output moved to {aside}")
+            print(f"{job.stage}: its output was made from older {job.upstream.name if job.upstream else 'input'}; "
+                  f"moved to {aside}")
 
 
 def _describe(job: StageJob) -> str:
@@ -81,13 +81,13 @@ def run_chain(run_dir: Path, manifest: dict, recipe: Recipe, jobs: list[StageJob
         if not indices:
             print(f"{job.stage}: every shard is done")
             continue
-        upstream_redone = True
+        redo_all, upstream_redone = upstream_redone, True
         if executor == "local":
             if dry_run:
                 print(f"{job.stage}: would run shards {array_spec(indices)} locally, "
                       f"{recipe.run.local_parallel} at a time: {_describe(job)}")
                 continue
-            retire(job, indices)
+            retire(job, indices, redo_all)
             prepare_stage(recipe, run_dir, job)
             if not local.run_stage(run_dir, manifest, job, indices, recipe.run.local_parallel):
                 print(f"{job.stage}: failed; later stages not run. See `dflashkit status {run_dir}`")
@@ -99,7 +99,7 @@ def run_chain(run_dir: Path, manifest: dict, recipe: Recipe, jobs: list[StageJob
             print(f"{job.stage}: {env} {shlex.join(cmd) if cmd else 'submitit: ' + _describe(job)}")
             dependency = [f"<{job.stage}>"]
             continue
-        retire(job, indices)
+        retire(job, indices, redo_all)
         prepare_stage(recipe, run_dir, job)
         if cmd is None:
             job_id = submitit_submit(job, run_dir, recipe.run.name, dependency)

@@ -77,7 +77,12 @@ def test_a_regenerated_shard_makes_everything_after_it_stale_and_rerun_redoes_it
 
 def test_rerun_of_a_redone_upstream_shard_reruns_every_later_shard(run, capsys, monkeypatch):
     (run / "generate" / "shard-00000-of-00002.done.json").unlink()  # shard 0 to be regenerated
+    # ... and a training that died half-way: its checkpoints are of the old data, so it must not resume from them
+    (run / "train" / "done.json").unlink()
+    (run / "train" / "checkpoints").mkdir()
     monkeypatch.setenv("GEN_VERSION", "2")
     assert rerun_main([str(run), "--stage", "generate"]) == 0
     assert states(run, capsys) == {"generate": ["done", "done"], "dump": ["done", "done"], "train": ["done"]}
     assert runs(run) == {"dump 0": 2, "dump 1": 2, "train": 1}
+    assert not (run / "train" / "checkpoints").exists()
+    assert [(p / "checkpoints").is_dir() for p in run.glob("train.stale-*")] == [True]
