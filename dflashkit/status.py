@@ -231,8 +231,8 @@ def stage_list(text: str | None, default: list[str]) -> list[str]:
 
 
 def status_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflashkit status", description="Per stage and shard: done / failed / running "
-                                "/ pending / missing, with the reason for each shard that is not done.")
+    p = argparse.ArgumentParser(prog="dflashkit status", description="Per stage and shard: done / stale / failed / "
+                                "running / pending / missing, with the reason for each shard that is not done.")
     p.add_argument("run_dir")
     p.add_argument("--stage", help="comma list of stages (default: all submitted)")
     p.add_argument("--all", action="store_true", help="list done shards too")

@@ -186,8 +186,8 @@ def cancel_queued(manifest: dict, stages: list[str]) -> None:
 
 
 def rerun_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dflashkit rerun", description="Resubmit exactly the failed and missing shards "
-                                "of a stage as one array, and chain the later stages after it again.")
+    p = argparse.ArgumentParser(prog="dflashkit rerun", description="Resubmit exactly the failed, missing and stale "
+                                "shards of a stage as one array, and chain the later stages after it again.")
     p.add_argument("run_dir")
     p.add_argument("--stage", required=True, choices=STAGE_NAMES)
     p.add_argument("--no-chain", action="store_true", help="do not resubmit the later stages")
