@@ -165,8 +165,8 @@ def submit_main(argv: list[str] | None = None) -> int:
 
 
 def rerun_indices(shards: list[ShardStatus]) -> list[int]:
-    """The shards a rerun submits: failed, missing and stale ones. Refuses while any shard of the stage is still active, so
-    a shard is never run by two jobs at once."""
+    """The shards a rerun submits: failed, missing and stale ones. Refuses while any shard of the stage is still
+    active, so a shard is never run by two jobs at once."""
     active = [s for s in shards if s.state in ("running", "pending")]
     if active:
         raise StageUnavailable(
@@ -211,10 +211,14 @@ def rerun_main(argv: list[str] | None = None) -> int:
         return 2
     if indices:
         print(f"{args.stage}: rerunning shard(s) {array_spec(indices)}")
+        if executor == "slurm" and not args.dry_run:
+            cancel_queued(manifest, later)
     else:  # the later stages may still be stale (a shard redone by hand) or unfinished: the chain checks each
-        print(f"{args.stage}: nothing to rerun (every shard is done)")
-    if executor == "slurm" and not args.dry_run:
-        cancel_queued(manifest, later)
+        busy = [s for s in later if any(x.state in ("running", "pending") for x in result[s])]
+        print(f"{args.stage}: nothing to rerun (every shard is done)"
+              + (f"; {', '.join(busy)} still running, left alone" if busy else ""))
+        if busy:
+            return 0
     try:
         return run_chain(run_dir, manifest, recipe, jobs, executor, first_indices=indices, dry_run=args.dry_run)
     except RuntimeError as e:

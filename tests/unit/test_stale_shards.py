@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 
 import pytest
 
@@ -17,15 +18,23 @@ DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 NAME = 'name=$(printf "shard-%05d-of-%05d" "${SHARD_ID:-0}" "${NUM_SHARDS:-1}")\n'
 SCRIPTS = {
     # a generate shard: its records, then a marker holding their content (as the real one holds their sha256)
-    "generate": NAME + 'echo "{\\"id\\": \\"c$SHARD_ID\\", \\"v\\": \\"${GEN_VERSION:-1}\\"}" > "$OUTPUT_DIR/$name.jsonl"\n'
-                'echo "{\\"counts\\": {\\"input\\": 1, \\"written\\": 1, \\"skipped\\": 0, \\"errors\\": 0}, '
-                '\\"made_from\\": {}, \\"v\\": \\"${GEN_VERSION:-1}\\"}" > "$OUTPUT_DIR/$name.done.json"\n',
+    "generate": NAME + textwrap.dedent("""\
+        echo "{\\"id\\": \\"c$SHARD_ID\\", \\"v\\": \\"${GEN_VERSION:-1}\\"}" > "$OUTPUT_DIR/$name.jsonl"
+        counts='"counts": {"input": 1, "written": 1, "skipped": 0, "errors": 0}'
+        echo "{$counts, \\"made_from\\": {}, \\"v\\": \\"${GEN_VERSION:-1}\\"}" > "$OUTPUT_DIR/$name.done.json"
+        """),
     # a dump shard / the trainer: what it read, taken before it runs, in its marker; one line per run
-    "dump": NAME + 'made=$("$PYTHON" -m dflashkit.shards fingerprint "$INPUT")\necho run >> "$OUTPUT_DIR/runs-$SHARD_ID"\n'
-                   '"$PYTHON" -m dflashkit.shards mark "$OUTPUT_DIR/$name.done.json" --stage dump --made-from "$made"\n',
-    "train": 'made=$("$PYTHON" -m dflashkit.shards fingerprint "$TRAIN_INPUT")\nmkdir -p "$(dirname "$DONE_MARKER")"\n'
-             'echo run >> "$(dirname "$DONE_MARKER")/runs"\n'
-             '"$PYTHON" -m dflashkit.shards mark "$DONE_MARKER" --stage train --made-from "$made"\n',
+    "dump": NAME + textwrap.dedent("""\
+        made=$("$PYTHON" -m dflashkit.shards fingerprint "$INPUT")
+        echo run >> "$OUTPUT_DIR/runs-$SHARD_ID"
+        "$PYTHON" -m dflashkit.shards mark "$OUTPUT_DIR/$name.done.json" --stage dump --made-from "$made"
+        """),
+    "train": textwrap.dedent("""\
+        made=$("$PYTHON" -m dflashkit.shards fingerprint "$TRAIN_INPUT")
+        mkdir -p "$(dirname "$DONE_MARKER")"
+        echo run >> "$(dirname "$DONE_MARKER")/runs"
+        "$PYTHON" -m dflashkit.shards mark "$DONE_MARKER" --stage train --made-from "$made"
+        """),
 }
 OVERRIDES = ["generate.num_shards=2", "dump.num_shards=2", "run.executor=local"]
 
