@@ -1,7 +1,7 @@
 """The generate stage: regenerate assistant turns of a prompt dataset, one shard per Slurm array task.
 
-`run` (and the openai client it needs) is imported only when generating: later stages import `generate.inputs` on GPU
-machines that have no openai.
+`run` (and the openai client it needs) is imported only when generating; `inputs` and `settings` need neither, and no
+later stage imports this package (they read its output files: docs/FORMATS.md).
 """
 
 
