@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta  # noqa: E402
-from dflashkit.dump.layers import CONVENTION  # noqa: E402
+from dflashkit.model.layers import CONVENTION  # noqa: E402
 
 LAYER_IDS = [1, 8, 14, 20, 27]  # the quality run's dump (--num-draft-layers 5 on SmolLM2's 30 layers)
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,

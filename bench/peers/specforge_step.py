@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_step  # noqa: E402  (presets and the measured matmul peak, shared with our benchmark)
 
-from dflashkit.dump.layers import default_target_layer_ids  # noqa: E402
 from dflashkit.model import DFlashConfig  # noqa: E402
+from dflashkit.model.layers import default_target_layer_ids  # noqa: E402
 from dflashkit.train.data import padded_features  # noqa: E402
 from dflashkit.train.flops import batch_flops  # noqa: E402
 from dflashkit.train.synthetic import synthetic_batch  # noqa: E402

@@ -7,17 +7,15 @@ tokenized prompts our loop decodes. A random draft exported with YaRN rope scali
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the shared dump fixture of the train tests
 from dflashkit import serve
 from dflashkit.eval.run import main as eval_main
 from dflashkit.eval.vllm_metrics import VllmClient
 from dflashkit.export import main as export_main
-from dflashkit.serve import CPU_VLLM_ARGS, CPU_VLLM_ENV  # noqa: E402
+from dflashkit.serve import CPU_VLLM_ARGS, CPU_VLLM_ENV
 from tests.helpers.train import MASK_TOKEN_ID
 
 pytestmark = pytest.mark.integration
