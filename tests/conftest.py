@@ -13,10 +13,7 @@ import pytest
 
 from dflashkit import serve
 from dflashkit.prepare import prepare
-
-REPO = Path(__file__).resolve().parent.parent
-SERVED_NAME = "smollm2"
-THINKING_TEMPLATE = REPO / "configs" / "templates" / "smollm2-thinking.jinja"
+from tests.helpers.server import SERVED_NAME, THINKING_TEMPLATE
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import THINKING_TEMPLATE
 
 from dflashkit.io import iter_jsonl
+from tests.helpers.server import THINKING_TEMPLATE
 
 pytestmark = pytest.mark.integration
 

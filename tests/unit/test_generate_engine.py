@@ -6,7 +6,6 @@ import collections
 
 import pytest
 import torch
-from conftest import THINKING_TEMPLATE
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dflashkit.formats import USER, Turn
@@ -24,6 +23,7 @@ from dflashkit.generate.engine import (
 from dflashkit.generate.inputs import InputRecord
 from dflashkit.generate.synth import PromptFilter, user_header
 from dflashkit.prepare import model_dir
+from tests.helpers.server import THINKING_TEMPLATE
 
 
 def tiny_llama(vocab: int) -> LlamaForCausalLM:
