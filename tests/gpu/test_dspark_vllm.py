@@ -10,17 +10,13 @@ fp32 so that kernel rounding flips as few near-ties as the CPU test sees.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))  # the shared dump fixture of the train tests
-from conftest_train import MASK_TOKEN_ID, smollm2_dump  # noqa: F401  (fixture)
-
 from dflashkit.eval.run import main as eval_main
 from dflashkit.export import main as export_main
+from tests.helpers.train import MASK_TOKEN_ID
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -30,7 +26,7 @@ VLLM_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
 
 
 @pytest.fixture(scope="module")
-def report(smollm2_dump, prepared, tmp_path_factory) -> dict:  # noqa: F811
+def report(smollm2_dump, prepared, tmp_path_factory) -> dict:
     from dflashkit.config import load_config
     from dflashkit.train.config import TrainConfig
     from dflashkit.train.loop import train

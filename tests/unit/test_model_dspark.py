@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest_train import tiny_config
 from test_eval_spec import PROMPT, tiny_target  # noqa: F401  (fixture)
 from test_export import write_target
 
@@ -17,6 +16,7 @@ from dflashkit.model.masks import block_inputs, block_labels, dense_mask, previo
 from dflashkit.train.config import LossSpec
 from dflashkit.train.loss import block_loss
 from dflashkit.train.objectives import OBJECTIVES
+from tests.helpers.train import tiny_config
 
 
 def dspark_config(**overrides) -> DSparkConfig:

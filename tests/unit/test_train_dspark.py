@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from conftest_train import smollm2_dump  # noqa: F401  (fixture)
 from test_train_smollm2 import _free_port, _two_process_worker, metrics, recipe, weights
 
 from dflashkit.train.loop import train
@@ -15,7 +14,7 @@ from dflashkit.train.loop import train
 DSPARK = {"model__kind": "dspark", "model__markov_rank": 16}
 
 
-def test_dspark_learns_saves_its_heads_and_resumes_exactly(smollm2_dump, tmp_path):  # noqa: F811
+def test_dspark_learns_saves_its_heads_and_resumes_exactly(smollm2_dump, tmp_path):
     straight = tmp_path / "straight"
     assert train(recipe(smollm2_dump, straight, optim__max_steps=12, checkpoint_every=4, **DSPARK), resume=False) == 0
     rows = metrics(straight)
@@ -40,7 +39,7 @@ def test_dspark_learns_saves_its_heads_and_resumes_exactly(smollm2_dump, tmp_pat
     assert all(torch.equal(w[k], wb[k]) for k in w)
 
 
-def test_dspark_two_fsdp2_processes_match_one_process(smollm2_dump, tmp_path):  # noqa: F811
+def test_dspark_two_fsdp2_processes_match_one_process(smollm2_dump, tmp_path):
     mode = "fsdp"
     common = {"optim__max_steps": 2, "optim__eps": 1e-3, "loss__kd_weight": 0.5, **DSPARK}  # KD's teacher too
     assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
