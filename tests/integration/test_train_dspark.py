@@ -11,6 +11,8 @@ from test_train_smollm2 import _free_port, _two_process_worker, metrics, recipe,
 
 from dflashkit.train.loop import train
 
+pytestmark = pytest.mark.integration  # it trains on the real SmolLM2 dump, two processes for FSDP2, like test_train_smollm2
+
 DSPARK = {"model__kind": "dspark", "model__markov_rank": 16}
 
 
