@@ -28,8 +28,15 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
-from ..formats import (OUTPUT_KEY, SYSTEM, BadRecord, Turn, normalize_conversation, to_output_messages,
-                       unknown_thinking_modes)
+from ..formats import (
+    OUTPUT_KEY,
+    SYSTEM,
+    BadRecord,
+    Turn,
+    normalize_conversation,
+    to_output_messages,
+    unknown_thinking_modes,
+)
 from ..io import JsonlAppender, iter_jsonl, repair_jsonl_tail, sha256_file
 from ..shards import (
     EXIT_FAILED,

@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from conftest_train import smollm2_dump  # noqa: F401  (fixture)
 from faultlib import SEED, Stage, inject_kill, report, rounds
 from safetensors.torch import load_file
 from test_kill_train import STEPS, losses, overrides, saved_step, steps_logged, whole_run
@@ -54,7 +53,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_kill_one_rank_of_two(smollm2_dump, tmp_path):  # noqa: F811
+def test_kill_one_rank_of_two(smollm2_dump, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core box
     straight = tmp_path / "straight"
     res = subprocess.run(torchrun(smollm2_dump, straight, 1000), env=env, capture_output=True, text=True,

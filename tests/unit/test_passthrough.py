@@ -20,7 +20,7 @@ from dflashkit import serve
 from dflashkit.eval import run as eval_run
 from dflashkit.plan import eval_command
 from dflashkit.recipe import ROOT, load_recipe
-from dflashkit.rundir import stage_job
+from dflashkit.stages import stage_job
 
 DEMO = ROOT / "configs" / "smollm2-demo.yaml"
 VALUES = ["--enforce-eager", "--max-model-len=2048", "--dtype float32 --enforce-eager",
