@@ -12,16 +12,20 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
 
+from dflashkit.config import from_dict
 from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
 from dflashkit.model import DFlashConfig
 from dflashkit.model.layers import CONVENTION
 from dflashkit.prepare import model_dir
+from dflashkit.train.config import TrainConfig
 
 GREEDY = Path(__file__).resolve().parent.parent / "data" / "train_smollm2_greedy.json"
 
@@ -63,3 +67,49 @@ def smollm2_dump_dir() -> Path:
         "max_seq_len": 4096, "length_policy": "skip", "chat_template_sha256": "test", "chat_template": "tokenizer",
     })
     return out
+
+
+# ---- running the trainer on that dump (tests/integration/test_train_*.py) ----------------------------------------
+
+def recipe(dump: Path, out: Path, **overrides) -> TrainConfig:
+    data = {"target_model": str(model_dir()), "output_dir": str(out), "tensorboard": False, "seed": 0,
+            "model": {"num_layers": 1, "block_size": 4, "mask_token_id": MASK_TOKEN_ID, "intermediate_size": 256},
+            "data": {"dump_dirs": [str(dump)], "num_anchors": 8, "micro_batch_size": 4, "num_workers": 0},
+            "optim": {"lr": 2e-3, "warmup_steps": 3, "epochs": 15},
+            "loss": {"decay_gamma": 4.0}, "checkpoint_every": 1000}
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(TrainConfig, data)
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row  # after a resume the last row of a step wins
+    return rows
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
+    return load_file(out / "checkpoints" / latest / "model.safetensors")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from dflashkit.train.loop import train
+
+    train(cfg, resume=False)

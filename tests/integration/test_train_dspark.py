@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from test_train_smollm2 import _free_port, _two_process_worker, metrics, recipe, weights
 
 from dflashkit.train.loop import train
+from tests.helpers.train import free_port, metrics, recipe, two_process_worker, weights
 
 pytestmark = pytest.mark.integration  # it trains on the real SmolLM2 dump, two processes for FSDP2, like test_train_smollm2
 
@@ -46,7 +46,7 @@ def test_dspark_two_fsdp2_processes_match_one_process(smollm2_dump, tmp_path):
     common = {"optim__max_steps": 2, "optim__eps": 1e-3, "loss__kd_weight": 0.5, **DSPARK}  # KD's teacher too
     assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
     two = recipe(smollm2_dump, tmp_path / mode, data__micro_batch_size=2, parallel=mode, **common)
-    torch.multiprocessing.spawn(_two_process_worker, args=(two, _free_port()), nprocs=2)
+    torch.multiprocessing.spawn(two_process_worker, args=(two, free_port()), nprocs=2)
     for step in (1, 2):
         a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

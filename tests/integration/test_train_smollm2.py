@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,49 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dflashkit.config import from_dict
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
 from dflashkit.model import TargetHead
 from dflashkit.prepare import model_dir
 from dflashkit.train import data
-from dflashkit.train.config import TrainConfig
 from dflashkit.train.distributed import Dist
 from dflashkit.train.loop import Trainer, draft_config, train
-from tests.helpers.train import MASK_TOKEN_ID
+from tests.helpers.train import MASK_TOKEN_ID, free_port, metrics, recipe, two_process_worker, weights
 
 pytestmark = pytest.mark.integration  # it spawns the trainer (torchrun, 2 processes): minutes, not seconds
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def recipe(dump: Path, out: Path, **overrides) -> TrainConfig:
-    data = {"target_model": str(model_dir()), "output_dir": str(out), "tensorboard": False, "seed": 0,
-            "model": {"num_layers": 1, "block_size": 4, "mask_token_id": MASK_TOKEN_ID, "intermediate_size": 256},
-            "data": {"dump_dirs": [str(dump)], "num_anchors": 8, "micro_batch_size": 4, "num_workers": 0},
-            "optim": {"lr": 2e-3, "warmup_steps": 3, "epochs": 15},
-            "loss": {"decay_gamma": 4.0}, "checkpoint_every": 1000}
-    for key, value in overrides.items():
-        node = data
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return from_dict(TrainConfig, data)
-
-
-def metrics(out: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row  # after a resume the last row of a step wins
-    return rows
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    latest = json.loads((out / "checkpoints" / "latest.json").read_text())["path"]
-    return load_file(out / "checkpoints" / latest / "model.safetensors")
 
 
 def test_target_head_gives_the_targets_greedy_tokens(smollm2_dump):
@@ -125,18 +92,6 @@ def test_heldout_score_is_the_training_steps_loss_without_the_update(smollm2_dum
     assert scored["tau_anchor_mean"] == stepped["tau_anchor_mean"] and scored["acc_per_pos"] == stepped["acc_per_pos"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    train(cfg, resume=False)
-
-
 def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_path):
     # KD and D-PACE on, so every loss path is compared. A large Adam eps keeps the first updates proportional to
     # the gradients (with eps ~ 0 they are lr * sign(g), which flips on gradients that are float noise). Two records
@@ -146,7 +101,7 @@ def test_two_processes_match_one_process_with_ddp_and_fsdp2(smollm2_dump, tmp_pa
     assert train(recipe(smollm2_dump, tmp_path / "one", **common), resume=False) == 0
     for mode in ("ddp", "fsdp"):
         two = recipe(smollm2_dump, tmp_path / mode, data__micro_batch_size=2, parallel=mode, **common)
-        torch.multiprocessing.spawn(_two_process_worker, args=(two, _free_port()), nprocs=2)
+        torch.multiprocessing.spawn(two_process_worker, args=(two, free_port()), nprocs=2)
         for step in (1, 2):
             a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), mode
