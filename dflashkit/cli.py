@@ -32,11 +32,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dflashkit.train", "train a DFlash draft from hidden-state dumps; torchrun for many GPUs (train_dflash.py)"),
     "dump": ("dflashkit.dump", "dump one shard of target hidden states, --backend vllm|hf (compute_hidden_states_*.py)"),
     "check-template": ("dflashkit.template_check", "prove a loss mask (model template, or training template) is exact"),
-    "plan-dump": ("dflashkit.dump.plan", "disk of a hidden-state dump (per token, per conversation, total) from a model config"),
+    "check-dump": ("dflashkit.dump.check", "load and validate every record of dump dirs, in parallel, before training"),
+    "plan-dump": ("dflashkit.plan:plan_dump_main", "the former dump planner: `dflashkit plan --model M --mean-tokens T`"),
     "submit": ("dflashkit.submit:submit_main", "submit a recipe's stages chained on Slurm (or run them locally)"),
     "status": ("dflashkit.status:status_main", "per stage and shard of a run: done/stale/failed/running/pending/missing"),
     "rerun": ("dflashkit.submit:rerun_main", "resubmit the failed, missing and stale shards of a stage, and the stages after it"),
-    "plan": ("dflashkit.plan", "a recipe's shards, disk per stage and GPU-hours (from BENCHMARKS.md), before submitting"),
+    "plan": ("dflashkit.plan", "a recipe's shards, disk per stage and mode, GPU-hours (bench/throughputs.json), before submitting"),
 }
 
 

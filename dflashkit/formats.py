@@ -193,12 +193,15 @@ def records_of_file(path: Path, label: str) -> Iterator[tuple[str, Any, BadRecor
         return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            src = f"{label}:{lineno}"
-            try:
-                yield src, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError as e:
-                yield src, None, BadRecord("bad_encoding", f"{src}: not UTF-8 ({e.reason} at byte {e.start})")
-            except ValueError as e:
-                yield src, None, BadRecord("bad_json", f"{src}: {e}")
+            if raw.strip():
+                yield parse_line(raw, f"{label}:{lineno}")
+
+
+def parse_line(raw: bytes, src: str) -> tuple[str, Any, BadRecord | None]:
+    """(source, record, error) of one JSONL line."""
+    try:
+        return src, json.loads(raw.decode("utf-8")), None
+    except UnicodeDecodeError as e:
+        return src, None, BadRecord("bad_encoding", f"{src}: not UTF-8 ({e.reason} at byte {e.start})")
+    except ValueError as e:
+        return src, None, BadRecord("bad_json", f"{src}: {e}")

@@ -26,13 +26,17 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 class HFBackend:
     name = "hf"
 
-    def __init__(self, model: str, dtype: torch.dtype, target_layer_ids: list[int], device: str | None = None,
+    def __init__(self, model, dtype: torch.dtype, target_layer_ids: list[int], device: str | None = None,
                  trust_remote_code: bool = False):
+        """`model`: an HF folder or name, or an already built causal LM (benchmarks: a random one)."""
         from transformers import AutoModelForCausalLM
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
+        if isinstance(model, torch.nn.Module):
+            self.model = model.to(dtype)
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval().requires_grad_(False)
         self.target_layer_ids = target_layer_ids
         self._last_layer_output: torch.Tensor | None = None
         decoder_layers(self.model)[-1].register_forward_hook(self._keep_last_output)
@@ -40,15 +44,21 @@ class HFBackend:
     def _keep_last_output(self, module, inputs, output) -> None:
         self._last_layer_output = output[0] if isinstance(output, tuple) else output
 
+    @torch.no_grad()  # not inference_mode: online training feeds these tensors to the draft, which saves them
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final [b, T, H], aux [b, T, n*H]) on the model's device, in the model dtype, for ids [b, T]. Rows may be
+        right-padded: attention is causal, so padding after a sequence never reaches its positions."""
+        out = self.model(input_ids.to(self.device, non_blocking=True), output_hidden_states=True, use_cache=False,
+                         logits_to_keep=1)  # logits are not needed: skip the vocab projection
+        aux = torch.cat([out.hidden_states[hf_hidden_states_index(k)] for k in self.target_layer_ids], dim=-1)
+        return self._last_layer_output, aux
+
     @torch.inference_mode()
     def hidden_states(self, items: list[tuple[str, list[int]]]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Yield (id, final [T, H], aux [T, n*H]) on the CPU, in the model dtype."""
         for cid, ids in items:
-            out = self.model(torch.tensor([ids], device=self.device), output_hidden_states=True, use_cache=False,
-                             logits_to_keep=1)  # logits are not needed: skip the vocab projection
-            aux = torch.cat([out.hidden_states[hf_hidden_states_index(k)][0] for k in self.target_layer_ids], dim=-1)
-            final = self._last_layer_output[0]
-            yield cid, final.cpu(), aux.cpu()
+            final, aux = self.forward(torch.tensor([ids]))
+            yield cid, final[0].cpu(), aux[0].cpu()
 
     def close(self) -> None:
         self.model = None

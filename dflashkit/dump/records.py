@@ -61,23 +61,28 @@ def _template_kwargs(record: dict) -> dict:
     return kwargs
 
 
+def generated_record(source: str, obj: Any, line_error: BadRecord | None, position: int) -> GeneratedRecord:
+    """One parsed line as a GeneratedRecord (its error set when the line breaks the format)."""
+    generation = obj.get("generation") if isinstance(obj, dict) else None
+    index = generation.get("index") if isinstance(generation, dict) else None
+    key = index if isinstance(index, int) else position
+    try:
+        if line_error is not None:
+            raise line_error
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            raise BadRecord("missing_key", "record has no string id")
+        if safe_id(obj["id"]) != obj["id"]:
+            raise BadRecord("bad_id", f"id {obj['id']!r} is not a safe id")
+        return GeneratedRecord(obj["id"], key, source, obj, _template_kwargs(obj))
+    except BadRecord as e:
+        rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else source
+        return GeneratedRecord(safe_id(rid), key, source, None, {}, e)
+
+
 def iter_generated(path: str | Path) -> Iterator[GeneratedRecord]:
     position = 0
     for file in generated_files(path):
         # Line by line: a malformed line (a torn tail of an unfinished shard, bad bytes) is that record's error only.
         for source, obj, line_error in records_of_file(file, file.name):
-            generation = obj.get("generation") if isinstance(obj, dict) else None
-            index = generation.get("index") if isinstance(generation, dict) else None
-            key = index if isinstance(index, int) else position
+            yield generated_record(source, obj, line_error, position)
             position += 1
-            try:
-                if line_error is not None:
-                    raise line_error
-                if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-                    raise BadRecord("missing_key", "record has no string id")
-                if safe_id(obj["id"]) != obj["id"]:
-                    raise BadRecord("bad_id", f"id {obj['id']!r} is not a safe id")
-                yield GeneratedRecord(obj["id"], key, source, obj, _template_kwargs(obj))
-            except BadRecord as e:
-                rid = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else source
-                yield GeneratedRecord(safe_id(rid), key, source, None, {}, e)

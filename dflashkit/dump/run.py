@@ -76,7 +76,11 @@ def build_parser(prog: str, backend: str | None) -> argparse.ArgumentParser:
     layers.add_argument("--target-layer-ids", type=_ints, default=None, help="DFlash ids, e.g. 1,9,17,25,33")
     layers.add_argument("--num-draft-layers", type=int, default=5,
                         help="default target ids: DFlash spread of this many layers over [1, L-3]")
-    p.add_argument("--dtype", default="auto", choices=["auto", *fmt.DTYPES], help="auto: the config's dtype")
+    p.add_argument("--dtype", default="auto", choices=["auto", *fmt.STORAGE_DTYPES],
+                   help="how the states are stored; auto: the config's dtype. float8_e4m3fn: the model runs in "
+                        "bfloat16, states are stored as fp8 with one scale per token and layer (half of bf16)")
+    p.add_argument("--no-final-state", action="store_true",
+                   help="do not store the final state (meta final_state 'none'): only KD (loss.kd_weight > 0) reads it")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (vLLM)")
     p.add_argument("--block-size", type=int, default=None, help="vLLM KV block size (MiniMax-M3: 128)")
     p.add_argument("--enforce-eager", action="store_true")
@@ -127,12 +131,13 @@ def resolve_model(args: argparse.Namespace, source: MaskSource) -> dict:
     if dtype == "auto":
         text_cfg = getattr(config, "text_config", None) or config
         dtype = fmt.dtype_name(getattr(text_cfg, "dtype", None) or getattr(config, "dtype", None) or torch.float32)
-    if dtype not in fmt.DTYPES:
-        raise SystemExit(f"model dtype {dtype!r} is not one of {sorted(fmt.DTYPES)}; pass --dtype")
+    if dtype not in fmt.STORAGE_DTYPES:
+        raise SystemExit(f"model dtype {dtype!r} is not one of {sorted(fmt.STORAGE_DTYPES)}; pass --dtype")
     return {
         "format": fmt.FORMAT_VERSION, "model": args.model, "backend": args.backend, "dtype": dtype,
         "hidden_size": width, "num_hidden_layers": n_layers, "target_layer_ids": ids,
-        "layer_id_convention": CONVENTION, "final_state": FINAL_STATE, "max_seq_len": args.max_seq_len,
+        "layer_id_convention": CONVENTION, "final_state": "none" if args.no_final_state else FINAL_STATE,
+        "max_seq_len": args.max_seq_len,
         "length_policy": args.length_policy, "chat_template_sha256": template_sha256(source.template),
         "chat_template": args.chat_template or "tokenizer", "mask_source": source.kind,
         "end_of_turn": source.end_of_turn,
@@ -143,11 +148,11 @@ def make_backend(args: argparse.Namespace, meta: dict):
     if args.backend == "hf":
         from .hf_backend import HFBackend
 
-        return HFBackend(args.model, fmt.DTYPES[meta["dtype"]], meta["target_layer_ids"],
+        return HFBackend(args.model, fmt.compute_dtype(meta["dtype"]), meta["target_layer_ids"],
                          trust_remote_code=args.trust_remote_code)
     from .vllm_backend import VLLMBackend
 
-    return VLLMBackend(args.model, meta["dtype"], meta["target_layer_ids"], meta["num_hidden_layers"],
+    return VLLMBackend(args.model, fmt.dtype_name(fmt.compute_dtype(meta["dtype"])), meta["target_layer_ids"], meta["num_hidden_layers"],
                        args.max_seq_len, args.output_dir, tp=args.tp, block_size=args.block_size,
                        enforce_eager=args.enforce_eager, language_model_only=args.language_model_only,
                        trust_remote_code=args.trust_remote_code, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -191,8 +196,8 @@ def run_shard(args: argparse.Namespace) -> int:
     template = read_template(args.chat_template) if args.chat_template else None  # None: the tokenizer's own
     source = resolve_mask_source(tokenizer, template, args.end_of_turn)
     static = resolve_model(args, source)
-    log.info("target layers %s (%s); final state %s; loss mask: %s of %s", static["target_layer_ids"], CONVENTION,
-             FINAL_STATE, source.kind, static["chat_template"])
+    log.info("target layers %s (%s); final state %s; stored as %s; loss mask: %s of %s", static["target_layer_ids"],
+             CONVENTION, static["final_state"], static["dtype"], source.kind, static["chat_template"])
     out_dir.mkdir(parents=True, exist_ok=True)
     fmt.write_meta(out_dir, static)  # refuses a dir holding a different dump before any work
 
@@ -218,6 +223,8 @@ def run_shard(args: argparse.Namespace) -> int:
                 rec = {"input_ids": torch.tensor(inputs[cid], dtype=torch.int64), "hidden_states": final,
                        "aux_hidden_states": aux, "loss_mask": torch.tensor(masks[cid], dtype=torch.uint8),
                        "conversation_id": cid}
+                rec = fmt.to_storage(rec, static["dtype"], len(static["target_layer_ids"]),
+                                     keep_final=static["final_state"] != "none")
                 try:
                     fmt.save_dump_record(out_dir, rec)
                 except OSError as e:  # a full disk names no file: name the record's, for main()'s one line
@@ -249,7 +256,7 @@ def run_shard(args: argparse.Namespace) -> int:
                 path = out_dir / (rec.id + fmt.RECORD_SUFFIX)
                 if path.exists():
                     try:
-                        old = fmt.load_dump_record(path, static, mmap=True)
+                        old = fmt.load_dump_record(path, static, mmap=True, dequantize=False)
                     except fmt.DumpFormatError as e:
                         log.warning("%s: redoing an unusable earlier file: %s", rec.id, e)
                     else:

@@ -33,8 +33,28 @@ class DraftSpec:
 
 
 @dataclass
+class OnlineSpec:
+    """`data.source: online`: train straight from generate-stage shards, the frozen target (HF, no grad) computing
+    each micro-batch's hidden states on the trainer's GPU (train/online.py). The tokenization is the dump's own."""
+    inputs: list[str] = field(default_factory=list)  # generate output dirs or .jsonl files (what the dump reads)
+    chat_template: str = ""  # as the dump's --chat-template (name or path); "": the tokenizer's own, replies located
+    end_of_turn: str = ""  # as the dump's --end-of-turn, for located replies; "": the one the template writes
+    tokenizer: str = ""  # default: target_model
+    length_policy: Literal["skip", "truncate"] = "skip"  # a conversation over data.max_seq_len: bad record, or cut
+    target_layer_ids: list[int] = field(default_factory=list)  # empty: the dump's default spread
+    num_target_layers: int = 5  # the spread's size when target_layer_ids is empty (the dump's --num-draft-layers)
+    prefetch: int = 2  # micro-batches whose target forward is queued ahead on a side CUDA stream
+
+    def validate(self) -> None:
+        if self.num_target_layers < 1 or self.prefetch < 0:
+            raise ValueError("data.online.num_target_layers must be >= 1 and data.online.prefetch >= 0")
+
+
+@dataclass
 class DataSpec:
+    source: Literal["dump", "online"] = "dump"  # dump: hidden-state dumps; online: generate shards + the target
     dump_dirs: list[str] = field(default_factory=list)
+    online: OnlineSpec = field(default_factory=OnlineSpec)
     max_seq_len: int = 8192  # longer records are cut here
     num_anchors: int = 512  # blocks per sequence (fewer where the loss mask has fewer positions)
     micro_batch_size: int = 1
@@ -44,10 +64,21 @@ class DataSpec:
     # `heldout_anchors` answer positions per record, walked as served decoding steps through them).
     heldout_records: int = 0
     heldout_anchors: int = 512
+    # Unreadable records (a torn .pt, a template error online) are skipped with one error line each and counted;
+    # past this many in one run, training stops with one line (exit 1). -1: never stop.
+    max_bad_records: int = 100
 
     def validate(self) -> None:
-        if not self.dump_dirs:
+        if self.source == "dump" and not self.dump_dirs:
             raise ValueError("data.dump_dirs is empty")
+        if self.source == "online":
+            if self.dump_dirs:
+                raise ValueError("data.source=online reads data.online.inputs; data.dump_dirs must be empty")
+            if not self.online.inputs:
+                raise ValueError("data.source=online needs data.online.inputs (generate output dirs or files)")
+        self.online.validate()
+        if self.max_bad_records < -1:
+            raise ValueError("data.max_bad_records must be >= 0, or -1 for no limit")
         if min(self.max_seq_len, self.num_anchors, self.micro_batch_size, self.heldout_anchors) < 1 \
                 or self.num_workers < 0:
             raise ValueError("data sizes must be positive")

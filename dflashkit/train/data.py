@@ -9,18 +9,25 @@
 - Anchors: `num_anchors` per sequence, drawn without replacement from the loss-mask positions (target-generated
   tokens: at inference the anchor is always a token the target produced) that leave at least one token to predict;
   redrawn every epoch from a generator seeded by (seed, epoch, record), so a resumed run draws the same anchors.
+- Bad records: a record that cannot be read (a torn or foreign .pt; online: a template error, over-length, an
+  all-zero mask) becomes a placeholder that counts nothing (loss mask 0, no real anchor) and names itself in
+  `bad`, so the step goes on with the same shapes and collectives on every rank; the loop logs, counts and limits them.
+- Every batch carries its records' `conversation_ids`, so whatever goes wrong in a step is reported by id.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dflashkit.dump import list_dump_records, load_dump_record, read_meta
+from dflashkit.dump import DumpFormatError, list_dump_records, load_dump_record, read_meta
+from dflashkit.dump.format import compute_dtype
+from dflashkit.model import TargetHead
 from dflashkit.model.layers import CONVENTION
 from dflashkit.model.masks import block_labels
 
@@ -103,32 +110,98 @@ def first_anchors(loss_mask: torch.Tensor, num_anchors: int):
     return _padded(_eligible_anchors(loss_mask)[:num_anchors], num_anchors)
 
 
-class DumpDataset(torch.utils.data.Dataset):
-    """Items are addressed by (record index, epoch): the epoch seeds the anchors. `every_anchor`: the first
-    `num_anchors` eligible positions instead of a random draw (the held-out score)."""
+class BadRecordError(ValueError):
+    """A record a data source cannot turn into a training item (the message says which and why)."""
 
+
+class AnchoredDataset(torch.utils.data.Dataset):
+    """Items are addressed by (record index, epoch): the epoch seeds the anchors. `every_anchor`: the first
+    `num_anchors` eligible positions instead of a random draw (the held-out score). Subclasses read one record
+    (`read`: its tensors, cut to max_seq_len) and name it (`record_id`)."""
+
+    def __init__(self, max_seq_len: int, num_anchors: int, seed: int, every_anchor: bool):
+        self.max_seq_len, self.num_anchors, self.seed = max_seq_len, num_anchors, seed
+        self.every_anchor = every_anchor
+
+    def read(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def record_id(self, index: int) -> str:
+        raise NotImplementedError
+
+    def placeholder(self) -> dict:
+        """A bad record's tensors: two tokens, nothing counted."""
+        return {"input_ids": torch.zeros(2, dtype=torch.long), "loss_mask": torch.zeros(2, dtype=torch.uint8)}
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        try:
+            item, bad = self.read(index), ""
+        except (DumpFormatError, OSError, BadRecordError) as e:
+            item, bad = self.placeholder(), str(e)
+        loss_mask = item["loss_mask"].to(torch.uint8)
+        anchors, valid = (first_anchors(loss_mask, self.num_anchors) if self.every_anchor else
+                          sample_anchors(loss_mask, self.num_anchors, anchor_generator(self.seed, epoch, index)))
+        if bad:
+            valid[:] = False
+        return {**item, "loss_mask": loss_mask, "anchors": anchors, "anchor_valid": valid,
+                "length": torch.tensor(0 if bad else item["input_ids"].shape[0]),
+                "conversation_id": self.record_id(index), "bad": bad}
+
+
+class DumpDataset(AnchoredDataset):
     def __init__(self, paths: list[Path], meta: dict, max_seq_len: int, num_anchors: int, seed: int,
                  with_final: bool, every_anchor: bool = False):
+        super().__init__(max_seq_len, num_anchors, seed, every_anchor)
         self.paths, self.meta = paths, meta
-        self.max_seq_len, self.num_anchors, self.seed = max_seq_len, num_anchors, seed
         self.with_final = with_final  # the final state is read only for KD
-        self.every_anchor = every_anchor
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = key
+    def record_id(self, index: int) -> str:
+        return self.paths[index].stem
+
+    def read(self, index: int) -> dict:
         rec = load_dump_record(self.paths[index], self.meta)
         t = min(rec["input_ids"].shape[0], self.max_seq_len)
-        loss_mask = rec["loss_mask"][:t].to(torch.uint8)
-        anchors, valid = (first_anchors(loss_mask, self.num_anchors) if self.every_anchor else
-                          sample_anchors(loss_mask, self.num_anchors, anchor_generator(self.seed, epoch, index)))
         item = {"input_ids": rec["input_ids"][:t], "aux_hidden_states": rec["aux_hidden_states"][:t],
-                "loss_mask": loss_mask, "anchors": anchors, "anchor_valid": valid, "length": torch.tensor(t)}
+                "loss_mask": rec["loss_mask"][:t]}
         if self.with_final:
             item["hidden_states"] = rec["hidden_states"][:t]
         return item
+
+    def placeholder(self) -> dict:
+        h, n, dtype = self.meta["hidden_size"], len(self.meta["target_layer_ids"]), compute_dtype(self.meta["dtype"])
+        item = {**super().placeholder(), "aux_hidden_states": torch.zeros(2, n * h, dtype=dtype)}
+        if self.with_final:
+            item["hidden_states"] = torch.zeros(2, h, dtype=dtype)
+        return item
+
+
+class DumpSource:
+    """data.source=dump: records are the dump dirs' `.pt` files; the hidden states come with them."""
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.dtype = cfg, dtype
+        self.meta, self.records = read_dump_dirs(cfg.data.dump_dirs)
+        if cfg.loss.kd_weight > 0 and self.meta["final_state"] == "none":
+            raise ValueError(f"loss.kd_weight > 0 needs the final state, and {cfg.data.dump_dirs} were dumped "
+                             "with --no-final-state")
+
+    def describe(self) -> str:
+        return f"dump dirs {self.cfg.data.dump_dirs}"
+
+    def dataset(self, records: list, num_anchors: int, every_anchor: bool = False) -> DumpDataset:
+        c = self.cfg
+        return DumpDataset(records, self.meta, c.data.max_seq_len, num_anchors, c.seed,
+                           with_final=c.loss.kd_weight > 0, every_anchor=every_anchor)
+
+    def head(self) -> TargetHead:
+        return TargetHead.from_pretrained(self.cfg.target_model, dtype=self.dtype)
+
+    def batches(self, loader) -> Iterator[dict]:
+        return iter(loader)
 
 
 def padded_length(t: int) -> int:
@@ -142,6 +215,7 @@ def padded_length(t: int) -> int:
 # answers at SmolLM2's dims was 454 MB of which 17% real; each worker wrote it, then shared memory and the pinning
 # thread copied it again, and the copy to the GPU moved it once more (bench/host_step.py).
 PACKED = ("aux_hidden_states", "hidden_states")
+LIST_KEYS = {"conversation_id": "conversation_ids", "bad": "bad"}  # item key -> the batch's list of them
 
 
 def collate(items: list[dict], block_size: int) -> dict:
@@ -151,10 +225,13 @@ def collate(items: list[dict], block_size: int) -> dict:
     anchor, and the loss mask is 0 on padding. The targets (`block_labels`: `labels`, `counted` [b, N, B]; `rows`,
     the flat positions where `counted`, whose number sizes the lm_head's input) are computed here, in the loader's
     workers, so they arrive pinned with the rest: the step copies them without a host sync and never reads them on
-    the host."""
+    the host. The records' ids and bad-record reasons (datasets' items have them; synthetic benchmark items need
+    not) become lists (`conversation_ids`, `bad`)."""
     t = padded_length(max(it["input_ids"].shape[0] for it in items))
-    out = {}
+    out = {LIST_KEYS[key]: [it[key] for it in items] for key in LIST_KEYS if key in items[0]}
     for key in items[0]:
+        if key in LIST_KEYS:
+            continue
         if key in ("anchors", "anchor_valid", "length"):
             out[key] = torch.stack([it[key] for it in items])
         elif key in PACKED:
@@ -225,6 +302,11 @@ def loader(dataset: DumpDataset, micro_batches: list[list[tuple[int, int]]], num
                                        prefetch_factor=4 if num_workers else None)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors copied to `device` (asynchronously from pinned memory); its id lists as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class DevicePrefetcher:
     """Micro-batches already on the GPU: the next one is copied on a side stream while the current step computes,
     so the step's stream never waits for a host-to-device copy. Yields (batch on `device`, its tokens: the sum of
@@ -242,7 +324,7 @@ class DevicePrefetcher:
         tokens = int(batch["length"].sum())
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                batch = to_device(batch, self.device)
         return batch, tokens
 
     def __iter__(self):
@@ -255,7 +337,7 @@ class DevicePrefetcher:
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self.stream)
-            for t in batch.values():
+            for t in (v for v in batch.values() if isinstance(v, torch.Tensor)):
                 t.record_stream(current)  # the caching allocator must not reuse it while the step reads it
         self.ahead = self._fetch()
         return batch, tokens

@@ -1,7 +1,8 @@
-"""Offline DFlash training: `dflashkit train --config recipe.yaml [key.path=value ...] [--resume]`.
+"""DFlash training: `dflashkit train --config recipe.yaml [key.path=value ...] [--resume]`.
 
-The pieces: the target's frozen head (target.py), the draft (draft.py), dump batches (data.py), the block loss
-(loss.py), the process group and wrapping (distributed.py), checkpoints (checkpoint.py), metrics (metrics.py).
+The pieces: the target's frozen head (target.py), the draft (draft.py), batches from dumps (data.py) or online from
+generate shards and the frozen target (online.py), the block loss (loss.py), the process group and wrapping
+(distributed.py), checkpoints (checkpoint.py), metrics (metrics.py), bad-record accounting (BadRecords).
 This module wires them into one loop. A step's loss is normalized by the whole global batch's weight, so any split
 over ranks and micro-batches computes the same update as one process on the whole batch.
 """
@@ -23,7 +24,7 @@ import yaml
 from dflashkit.config import load_config, to_dict
 from dflashkit.model import KINDS, DFlashConfig, TargetHead
 from dflashkit.model.masks import block_inputs, training_mask
-from dflashkit.train import checkpoint, data
+from dflashkit.train import checkpoint, data, online
 from dflashkit.train.config import OptimSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
 from dflashkit.train.loss import block_loss, normalizer, served_walk, summarize
@@ -31,6 +32,7 @@ from dflashkit.train.metrics import MetricsLog
 from dflashkit.train.objectives import OBJECTIVES
 
 log = logging.getLogger(__name__)
+SOURCES = {"dump": data.DumpSource, "online": online.OnlineSource}  # data.source -> where records and states come from
 
 
 def draft_config(cfg: TrainConfig, meta: dict) -> DFlashConfig:
@@ -138,7 +140,7 @@ class Trainer:
 
     def _on_device(self, batch: dict) -> dict:
         # Batches come pinned from the loader (or already copied by data.DevicePrefetcher): no copy waits.
-        return {k: v.to(self.d.device, non_blocking=True) for k, v in batch.items()}
+        return data.to_device(batch, self.d.device)
 
     def step(self, batches: list[dict], lr: float) -> dict:
         """One optimizer step over the micro-batches. Nothing in it waits for the GPU: the result stays on the
@@ -189,6 +191,55 @@ class Trainer:
                 **summarize(reduced[4:].cpu(), self.label_width)}
 
 
+class BadRecords:
+    """Records that could not be read, the same set on every rank: each is logged once, by the rank that read it,
+    counted in metrics (`bad_records`), kept in checkpoints (a resumed run knows them) and limited by
+    data.max_bad_records."""
+
+    def __init__(self, dataset: data.AnchoredDataset, limit: int):
+        self.dataset, self.limit = dataset, limit
+        self.seen = torch.zeros(len(dataset), dtype=torch.bool)
+
+    def local(self, batches: list[dict], micro: list[list[tuple[int, int]]]) -> list[int]:
+        """This rank's bad records in the step's micro-batches (`micro`: their (index, epoch) lists), logged."""
+        found = []
+        for batch, keys in zip(batches, micro):
+            for (index, _), cid, why in zip(keys, batch["conversation_ids"], batch["bad"]):
+                if why and not self.seen[index]:
+                    log.error("skipped bad record %s: %s", cid, why)
+                if why:
+                    found.append(index)
+        return found
+
+    def merge(self, d: Dist, found: list[int]) -> None:
+        """Called by every rank when some rank found one (a collective)."""
+        marks = torch.zeros(len(self.seen), device=d.device)
+        marks[torch.tensor(found, dtype=torch.long, device=d.device)] = 1
+        self.seen |= d.all_reduce_sum(marks).cpu() > 0
+
+    @property
+    def count(self) -> int:
+        return int(self.seen.sum())
+
+    def ids(self) -> list[str]:
+        return [self.dataset.record_id(i) for i in self.seen.nonzero().flatten().tolist()]
+
+    def check_limit(self) -> None:
+        if 0 <= self.limit < self.count:
+            raise SystemExit(f"stopping: {self.count} bad records, more than data.max_bad_records={self.limit} "
+                             f"(the first: {', '.join(self.ids()[:5])}; each has an error line above)")
+
+
+def logged_bad(batches, logged: set[str]):
+    """The held-out batches, each bad record among them logged once per run (it scores nothing)."""
+    for batch in batches:
+        for cid, why in zip(batch["conversation_ids"], batch["bad"]):
+            if why and cid not in logged:
+                logged.add(cid)
+                log.error("held-out: skipped bad record %s: %s", cid, why)
+        yield batch
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -209,21 +260,26 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     latest = checkpoint.latest_checkpoint(ckpt_root)
     if latest is not None and not resume:
         raise SystemExit(f"{ckpt_root} holds checkpoints; pass --resume to continue, or choose another output_dir")
-    meta, all_paths = data.read_dump_dirs(cfg.data.dump_dirs)
-    paths, heldout_paths = data.split_heldout(all_paths, cfg.data.heldout_records)
+    source = SOURCES[cfg.data.source](cfg, d.device, torch.bfloat16 if uses_bf16(cfg, d) else torch.float32)
+    meta = source.meta
+    paths, heldout_paths = data.split_heldout(source.records, cfg.data.heldout_records)
     dcfg = draft_config(cfg, meta)
     if d.is_main:
         log.info("resolved configuration:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         log.info("draft: %s", json.dumps(dcfg.to_dict()))
         log.info("data: %d records from %s (%d held out); target layers %s, final state %s", len(paths),
-                 cfg.data.dump_dirs, len(heldout_paths), meta["target_layer_ids"], meta["final_state"])
+                 source.describe(), len(heldout_paths), meta["target_layer_ids"], meta["final_state"])
         out.mkdir(parents=True, exist_ok=True)
     # The frozen target head in bf16 on GPU (the vocabulary matrices are the biggest tensors we hold).
-    head = TargetHead.from_pretrained(cfg.target_model, dtype=torch.bfloat16 if uses_bf16(cfg, d) else torch.float32)
+    head = source.head()
     trainer = Trainer(cfg, d, meta["final_state"], dcfg, head)
     o = cfg.optim
     plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed)
     position = {"num_records": plan.num_records, "global_batch": plan.global_batch, "seed": cfg.seed}
+    if cfg.data.source != "dump":
+        position["source"] = cfg.data.source
+    dataset = source.dataset(paths, cfg.data.num_anchors)
+    bad = BadRecords(dataset, cfg.data.max_bad_records)
     total = o.max_steps or o.epochs * plan.steps_per_epoch
     step = 0
     if resume and latest is not None:
@@ -232,13 +288,11 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
             raise SystemExit(f"{latest}: saved with data position {state['data_position']}, now {position}; the "
                              "data order would differ (same dumps, global batch and seed are needed to resume)")
         step = state["step"]
+        bad.seen[state.get("bad_records", [])] = True
         log.info("resumed from %s at step %d", latest, step)
-    dataset = data.DumpDataset(paths, meta, cfg.data.max_seq_len, cfg.data.num_anchors, cfg.seed,
-                               with_final=cfg.loss.kd_weight > 0)
-    heldout, heldout_micro = None, []
+    heldout, heldout_micro, heldout_bad = None, [], set()
     if heldout_paths:
-        heldout = data.DumpDataset(heldout_paths, meta, cfg.data.max_seq_len, cfg.data.heldout_anchors, cfg.seed,
-                                   with_final=cfg.loss.kd_weight > 0, every_anchor=True)
+        heldout = source.dataset(heldout_paths, cfg.data.heldout_anchors, every_anchor=True)
         heldout_micro = data.heldout_micro_batches(len(heldout_paths), d.world_size, d.rank,
                                                    cfg.data.micro_batch_size)
     metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None
@@ -250,8 +304,10 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     micro = [m for epoch in range(step // spe, -(-total // spe))
              for m in plan.micro_batches(epoch, max(step - epoch * spe, 0), d.rank)][: (total - step) * o.grad_accum]
     # The loader computes the block targets in the objective's label layout (width B, or B + 1 for DSpark).
-    batches = data.DevicePrefetcher(data.loader(dataset, micro, cfg.data.num_workers, cuda, trainer.label_width),
-                                    d.device)
+    # Online, the target adds each micro-batch's hidden states before the copy (source.batches).
+    batches = data.DevicePrefetcher(source.batches(data.loader(dataset, micro, cfg.data.num_workers, cuda,
+                                                               trainer.label_width)), d.device)
+    fetched, pending_bad = 0, []  # micro-batches taken (micro[fetched] is the next); bad records not yet merged
     # Logged figures cover the interval since the previous logged step (checkpoints and held-out scoring left out):
     # the host reads the GPU only then, and tokens/s over an interval does not swing with one batch's lengths.
     interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
@@ -263,35 +319,52 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
                 batch, tokens = next(batches)
                 step_batches.append(batch)
                 interval_tokens += tokens
+            pending_bad += bad.local(step_batches, micro[fetched: fetched + o.grad_accum])
+            fetched += o.grad_accum
             result = trainer.step(step_batches, lr_at(step, total, o))
             step += 1
             interval_steps += 1
-            if step % cfg.log_every == 0 or step == total:
+            logged, checkpointed = step % cfg.log_every == 0 or step == total, step % cfg.checkpoint_every == 0
+            if logged or checkpointed or step == total:
+                # Bad records are merged over ranks only here (a host sync), so the step itself never waits.
+                any_bad = d.all_reduce_sum(torch.tensor(float(len(pending_bad)), device=d.device)).item()
+                if any_bad:
+                    bad.merge(d, pending_bad)
+                pending_bad = []
+            if logged:
                 row = trainer.read(result)
+                if not math.isfinite(row["loss"]):
+                    log.error("step %d: loss %s; this rank's records in it: %s", step, row["loss"],
+                              [cid for b in step_batches for cid in b["conversation_ids"]])
                 tokens = d.all_reduce_sum(torch.tensor(float(interval_tokens), device=d.device)).item()
                 dt = time.perf_counter() - interval_start
                 row = {"step": step, "epoch": epoch, **row, "lr": lr_at(step - 1, total, o), "tokens": tokens,
                        "tokens_per_s": tokens / dt, "step_time_s": dt / interval_steps,
-                       "peak_mem_gb": peak_memory_gb(d.device)}
+                       "peak_mem_gb": peak_memory_gb(d.device), "bad_records": bad.count}
                 if metrics is not None:
                     metrics.write(row)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(d.device)
                 interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
-            if step % cfg.checkpoint_every == 0 or step == total:
+            bad.check_limit()  # before the checkpoint: a resumed run stops here again, not later
+            if checkpointed or step == total:
                 paused = time.perf_counter()
-                trainer_state = {"step": step, "data_position": position, "config": to_dict(cfg)}
+                trainer_state = {"step": step, "data_position": position, "config": to_dict(cfg),
+                                 "bad_records": bad.seen.nonzero().flatten().tolist()}
                 checkpoint.save_checkpoint(ckpt_root, step, trainer.model, trainer.optimizer, d, trainer_state,
                                            dcfg.to_json_string(), cfg.keep_checkpoints)
                 if heldout_micro:
-                    scored = trainer.evaluate(list(data.loader(heldout, heldout_micro, cfg.data.num_workers, cuda,
-                                                               trainer.label_width)))
+                    scored = trainer.evaluate(list(logged_bad(source.batches(data.loader(
+                        heldout, heldout_micro, cfg.data.num_workers, cuda, trainer.label_width)), heldout_bad)))
                     if metrics is not None:
                         metrics.write_heldout({"step": step, "epoch": epoch, **scored})
                 interval_start += time.perf_counter() - paused
     finally:
         if metrics is not None:
             metrics.close()
+    if d.is_main:
+        log.info("done: %d steps; %d bad records skipped%s", step, bad.count,
+                 f" ({', '.join(bad.ids()[:20])}{', ...' if bad.count > 20 else ''})" if bad.count else "")
     return 0
 
 

@@ -94,7 +94,7 @@ class _RowStatsGradInForward(torch.autograd.Function):
         with torch.no_grad():
             parts = [chunk_fn(hidden[i:i + chunk_rows], weight, labels[i:i + chunk_rows],
                               None if teacher is None else teacher[i:i + chunk_rows])
-                     for i in range(0, hidden.shape[0], chunk_rows)]
+                     for i in range(0, max(1, hidden.shape[0]), chunk_rows)]  # >= 1 chunk: see row_stats
         nll, pred, kd, g_nll, g_kd = [None if p[0] is None else torch.cat(p) for p in zip(*parts)]
         ctx.save_for_backward(g_nll, g_kd)
         ctx.hidden_dtype = hidden.dtype
@@ -121,7 +121,8 @@ def row_stats(hidden, lm_head, labels, teacher, chunk_rows: int, compiled: bool 
         return list(_RowStatsGradInForward.apply(hidden, lm_head, labels, teacher, chunk_rows, compiled))
     chunk_stats = _compiled(_chunk_stats) if compiled else _chunk_stats
     outs = []
-    for start in range(0, hidden.shape[0], chunk_rows):
+    # At least one chunk, empty when no row counts (a micro-batch of bad records): the outputs keep their shapes.
+    for start in range(0, max(1, hidden.shape[0]), chunk_rows):
         part = slice(start, start + chunk_rows)
         args = (hidden[part], lm_head, labels[part], None if teacher is None else teacher[part],
                 *(() if markov is None else (markov[0][part], markov[1])))

@@ -19,7 +19,9 @@ MAY_IMPORT = {
     "model": set(),
     "generate": set(),
     "dump": {"model"},
-    "train": {"model", "dump", "dump.format", "config"},
+    # The online source (train/online.py) makes a dump record the dump's own way: its reader of generate shards,
+    # its tokenization and its HF backend, so online and offline features cannot drift apart.
+    "train": {"model", "dump", "dump.format", "config", "dump.records", "dump.tokenize", "dump.hf_backend"},
     "export": {"model"},
     "eval": {"model", "export"},
 }

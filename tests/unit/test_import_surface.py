@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-GPU_SIDE = ["dflashkit.model", "dflashkit.train", "dflashkit.dump", "dflashkit.dump.hf_backend", "dflashkit.export",
+GPU_SIDE = ["dflashkit.model", "dflashkit.train", "dflashkit.train.online", "dflashkit.dump", "dflashkit.dump.hf_backend",
+            "dflashkit.dump.check", "dflashkit.dump.tokenize", "dflashkit.export",
             "dflashkit.eval.run", "dflashkit.eval.plots", "dflashkit.generate.inputs", "dflashkit.cli"]
 NOT_THERE = {"vllm", "openai", "datasets", "matplotlib", "requests", "sglang", "submitit", "httpx"}
 

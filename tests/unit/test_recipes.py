@@ -261,7 +261,7 @@ def test_m3_eval_command_is_the_documented_one():
 
 def test_m3_plan_bytes_per_sample(tmp_path):
     r = load_recipe(M3)
-    rows, facts = planner.plan(r, 2_760_000, 8192, benchmarks=tmp_path / "none.md")
+    rows, facts = planner.plan(r, 2_760_000, 8192, throughputs=tmp_path / "none.json")
     assert facts["hidden_state_bytes_per_conversation"] == 8192 * (5 + 1) * 6144 * 2 == 603_979_776
     dump = next(x for x in rows if x.stage == "dump")
     # + int64 ids and a uint8 mask per token, and torch.save's framing (the dump's own estimate, dump/plan.py)
@@ -272,11 +272,12 @@ def test_m3_plan_bytes_per_sample(tmp_path):
 
 
 def test_plan_takes_gpu_hours_only_from_measured_rows(tmp_path):
-    bench = tmp_path / "BENCHMARKS.md"
-    bench.write_text("# B\n\n| model | stage | tokens/s per GPU | hardware |\n|---|---|---|---|\n"
-                     "| MiniMaxAI/MiniMax-M3-MXFP8 | dump | 10,000 | 8x H100 |\n"
-                     "| minimax-m3 | train | - | not yet |\n| Qwen/Qwen3-8B | generate | 5000 | 1x H100 |\n")
-    rows, _ = planner.plan(load_recipe(M3), 1000, 8192, benchmarks=bench)
+    bench = tmp_path / "throughputs.json"
+    planner.record_throughput("MiniMaxAI/MiniMax-M3-MXFP8", "dump", 9_000, "8x H100", "first", bench)
+    planner.record_throughput("MiniMaxAI/MiniMax-M3-MXFP8", "dump", 10_000, "8x H100", "again", bench)  # replaces
+    planner.record_throughput("Qwen/Qwen3-8B", "generate", 5000, "1x H100", "other model", bench)
+    assert len(json.loads(bench.read_text())) == 2
+    rows, _ = planner.plan(load_recipe(M3), 1000, 8192, throughputs=bench)
     hours = {x.stage: x.gpu_hours for x in rows}
     assert math.isclose(hours["dump"], 1000 * 8192 / 10_000 / 3600)
     assert hours["generate"] is None and hours["train"] is None
@@ -293,7 +294,7 @@ def test_plan_counts_the_draft_the_trainer_builds(prepared):
     from dflashkit.train.loop import draft_config
 
     r = load_recipe(ROOT / "configs" / "smollm2-demo.yaml")
-    rows, facts = planner.plan(r, 16, 512, benchmarks=Path("/nonexistent"))
+    rows, facts = planner.plan(r, 16, 512, throughputs=Path("/nonexistent"))
     cfg = from_dict(TrainConfig, planner.check_train_config(r, r.run_dir()))
     meta = {"target_layer_ids": default_target_layer_ids(30, 1), "hidden_size": 576, "num_hidden_layers": 30}
     with torch.device("meta"):
@@ -307,9 +308,11 @@ def test_plan_cli_prints_the_table(tmp_path, capsys):
     from dflashkit.cli import main
 
     assert main(["plan", str(M3), "--num-conversations", "2760000", "--mean-tokens", "8192",
-                 "--benchmarks", str(tmp_path / "none.md"), f"run.dir={M3_RUN}"]) == 0
+                 "--throughputs", str(tmp_path / "none.json"), f"run.dir={M3_RUN}"]) == 0
     out = capsys.readouterr().out
     assert "603,979,776 B of hidden states" in out and "1.7 PB" in out and "not measured" in out
+    modes = out[out.index("by training mode"):].splitlines()
+    assert [line.split()[:2] for line in modes[2:5]] == [["offline", "bf16"], ["offline", "fp8"], ["online", "0"]]
     assert shlex.join(documented("dflashkit export ")) in out and shlex.join(documented("dflashkit eval ")) in out
     assert main(["plan", str(M3)]) == 2  # no conversation count: a clear error, not a guess
     assert "--num-conversations" in capsys.readouterr().err

@@ -1,0 +1,217 @@
+"""Online vs offline training, side by side in one process (issue 16's two speed figures). Prints JSON lines.
+
+(a) `smollm2`: the SmolLM2 quality recipe (configs/train/smollm2-quality.yaml) on the same records twice through the
+    real trainer (`dflashkit.train.loop.train`): offline from an HF dump of them (compute_hidden_states_hf.py's code,
+    bf16, 5 target layers, the quality run's dump flags) and online from the generate-format records. Records are
+    ShareGPT first turns with their recorded reply, in the generate stage's format (thinking mode "disabled"), so no
+    generation is needed. tokens/s: dump positions per second over the steps after --warmup (metrics.jsonl).
+(b) `qwen3-8b`: bench/train_step.py's synthetic step at Qwen3-8B dims (its `qwen3-8b` preset), offline (the batch
+    carries the states) vs online (a randomly initialized Qwen3-8B-shaped target, bf16, computes them first):
+    median step time and peak memory of each.
+
+On one H200 (the target from the GGUF as bench/quality_run.sh converts it; < 4 minutes in all):
+
+    python bench/train_smollm2_data.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --tokenizer-dir TOK --model-out /tmp/smollm2 \
+        --prompts sharegpt.jsonl
+    python bench/online_vs_offline.py --model /tmp/smollm2 --prompts sharegpt.jsonl --work /tmp/ovo
+
+CPU check of the plumbing: `--records 8 --steps 3 --warmup 1 --seq 256 --preset smollm2 --train-overrides
+data.micro_batch_size=2 data.num_workers=0 data.max_seq_len=256`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dflashkit.config import load_config
+from dflashkit.dump.run import main as dump_main
+from dflashkit.train.config import TrainConfig
+from dflashkit.train.loop import train
+from dflashkit.train.online import TargetFeatures
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "train" / "smollm2-quality.yaml"
+
+
+def write_records(prompts: Path, count: int, out: Path) -> int:
+    """The first `count` conversations of `prompts` (ShareGPT or OpenAI layout, e.g. the prepared sharegpt.jsonl or
+    generate output) whose first turns are a user turn and a reply, as generate records of those two turns."""
+    from dflashkit.formats import BadRecord, read_conversation
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with open(prompts, encoding="utf-8") as f:
+        for line in f:
+            try:
+                turns = read_conversation(json.loads(line))
+            except (BadRecord, ValueError):
+                continue
+            if len(turns) < 2 or (turns[0].role, turns[1].role) != ("user", "assistant"):
+                continue
+            i = len(lines)
+            lines.append(json.dumps({
+                "id": f"conv-{i:06d}",
+                "messages": [{"role": t.role, "content": t.content} for t in turns[:2]],
+                "thinking_mode": "disabled",
+                "generation": {"model": "smollm2", "chat_template_kwargs": {"thinking_mode": "disabled"},
+                               "turns": [{"finish_reason": "stop"}], "truncated": False, "repairs": [], "index": i}}))
+            if len(lines) == count:
+                break
+    if not lines:
+        raise SystemExit(f"{prompts}: no conversation with a user turn and a reply")
+    (out / "shard-00000-of-00001.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out / "shard-00000-of-00001.done.json").write_text(json.dumps({"stage": "generate"}))
+    return len(lines)
+
+
+def steady_tokens_per_s(run_dir: Path, warmup: int) -> dict:
+    """Over the steps after `warmup`: the median of the steps' tokens/s (robust to a step that compiles a kernel for a
+    new padded length: the modes run in one process, so only the first pays each compilation), the mean (all tokens
+    over all time), the median step time and the peak memory."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["step"] > warmup]
+    return {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows)),
+            "tokens_per_s_mean": round(sum(r["tokens"] for r in rows) / sum(r["step_time_s"] for r in rows)),
+            "median_step_s": round(statistics.median(r["step_time_s"] for r in rows), 4),
+            "peak_mem_gb": round(max(r["peak_mem_gb"] for r in rows), 2)}
+
+
+def smollm2(args) -> dict:
+    work = args.work
+    gen, dump = work / "gen", work / "dump"
+    shutil.rmtree(work, ignore_errors=True)
+    n = write_records(args.prompts, args.records, gen)
+    t0 = time.perf_counter()
+    assert dump_main(["--backend", "hf", "--model", str(args.model), "--input", str(gen), "--output-dir", str(dump),
+                      "--chat-template", "smollm2-thinking-train", "--num-draft-layers", "5", "--dtype", "bfloat16",
+                      "--max-seq-len", str(args.max_seq_len), "--length-policy", "truncate", "--no-progress"]) == 0
+    dump_s = time.perf_counter() - t0
+    common = [f"target_model={args.model}", f"optim.max_steps={args.steps}", "data.heldout_records=0",
+              "checkpoint_every=1000000", "log_every=1", f"data.max_seq_len={args.max_seq_len}", *args.train_overrides]
+    online = ["data.source=online", f"data.online.inputs=[{gen}]", "data.online.chat_template=smollm2-thinking-train",
+              "data.online.length_policy=truncate"]
+    out = {"bench": "online_vs_offline", "part": "smollm2", "records": n, "steps": args.steps, "warmup": args.warmup,
+           "dump_s": round(dump_s, 1), "dump_bytes": sum(p.stat().st_size for p in dump.glob("*.pt"))}
+    for mode, extra in (("offline", [f"data.dump_dirs=[{dump}]"]), ("online", online)):
+        cfg = load_config(TrainConfig, str(RECIPE), [*common, f"output_dir={work / mode}", *extra])
+        t0 = time.perf_counter()
+        train(cfg, resume=False)
+        out[mode] = {**steady_tokens_per_s(work / mode, args.warmup), "wall_s": round(time.perf_counter() - t0, 1)}
+    out["online_vs_offline_tokens_per_s"] = round(out["online"]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
+    return out
+
+
+def random_target(preset: dict, device: torch.device, dtype: torch.dtype):
+    """A randomly initialized Qwen3 causal LM of the preset's target shape (no weights needed)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(hidden_size=preset["hidden_size"], num_hidden_layers=preset["num_target_layers"],
+                         num_attention_heads=preset["num_attention_heads"],
+                         num_key_value_heads=preset["num_key_value_heads"], head_dim=preset["head_dim"],
+                         intermediate_size=preset["intermediate_size"], vocab_size=preset["vocab_size"],
+                         max_position_embeddings=40960, tie_word_embeddings=False)
+    with device:
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def timed_steps(trainer, batch, target, steps: int, warmup: int, device: torch.device):
+    """(median step time, median target-forward time, peak memory GiB) of `steps` steps after `warmup`."""
+    cuda = device.type == "cuda"
+    times, forward = [], []
+    for step in range(warmup + steps):
+        if step == warmup and cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        b = batch
+        if target is not None:
+            b = target(batch)
+            if cuda:
+                torch.cuda.synchronize(device)
+            forward.append(time.perf_counter() - t0)
+        trainer.step([b], lr=1e-4)  # ends by reading the loss: the GPU is done when it returns
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None  # GiB
+    return statistics.median(times[warmup:]), statistics.median(forward[warmup:]) if forward else 0.0, mem
+
+
+def qwen3(args) -> dict:
+    import train_step  # bench/train_step.py: its presets, trainer and synthetic batch
+
+    from dflashkit.train.distributed import Dist
+
+    d = Dist()
+    step_args = train_step.parse_args(["--preset", args.preset, "--micro-batch", "1"]
+                                      + (["--seq", str(args.seq)] if args.seq else []))
+    dcfg, cfg, trainer, batch, seq, anchors = train_step.build(step_args, d)
+    out = {"bench": "online_vs_offline", "part": args.preset, "seq": seq, "anchors": anchors, "micro_batch": 1,
+           "steps": args.steps, "warmup": args.warmup,
+           "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"}
+    step_s, _, mem = timed_steps(trainer, batch, None, args.steps, args.warmup, d.device)
+    out["offline"] = {"step_s": round(step_s, 4), "peak_mem_gib": mem}
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache() if d.device.type == "cuda" else None
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    model = random_target(train_step.PRESETS[args.preset], d.device, dtype)
+    meta = {"target_layer_ids": dcfg.target_layer_ids}
+    target = TargetFeatures(model, meta, d.device, dtype, with_final=False)
+    out["target_params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+    # The online trainer's head is the target's own embed_tokens / lm_head / norm, as in a real online run.
+    from dflashkit.train.loop import Trainer
+
+    trainer = Trainer(cfg, d, "pre_norm", dcfg, target.head())
+    online_batch = {k: v for k, v in batch.items() if k != "aux_hidden_states"}
+    step_s, fwd_s, mem = timed_steps(trainer, online_batch, target, args.steps, args.warmup, d.device)
+    out["online"] = {"step_s": round(step_s, 4), "target_forward_s": round(fwd_s, 4), "peak_mem_gib": mem}
+    out["online_vs_offline_step_time"] = round(out["online"]["step_s"] / out["offline"]["step_s"], 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="SmolLM2 HF folder (part a)")
+    p.add_argument("--prompts", type=Path, help="sharegpt.jsonl: the records' text (part a)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/dflashkit-online-vs-offline"))
+    p.add_argument("--records", type=int, default=1280)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=36, help="training steps per mode (part a; part b: at most 5)")
+    p.add_argument("--warmup", type=int, default=4, help="steps left out of the figures (part b: at most 2)")
+    p.add_argument("--preset", default="qwen3-8b", help="bench/train_step.py preset of part b")
+    p.add_argument("--seq", type=int, default=None, help="part b sequence length (default: the preset's)")
+    p.add_argument("--parts", default="smollm2,qwen3", help="which parts to run")
+    p.add_argument("--train-overrides", nargs="*", default=[], help="extra dotted overrides for part a")
+    p.add_argument("--record", action="store_true",
+                   help="write part a's tokens/s into bench/throughputs.json (the planner's measured figures)")
+    args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    if "smollm2" in parts:
+        if not (args.model and args.prompts):
+            p.error("part smollm2 needs --model and --prompts")
+        row = smollm2(args)
+        print(json.dumps(row), flush=True)
+        if args.record and torch.cuda.is_available():
+            from dflashkit.plan import record_throughput
+
+            hardware = f"{torch.cuda.get_device_name()} (configs/train/smollm2-quality.yaml)"
+            for stage, mode in (("train", "offline"), ("train-online", "online")):
+                record_throughput("SmolLM2-135M-Instruct", stage, row[mode]["tokens_per_s"], hardware,
+                                  "python bench/online_vs_offline.py --parts smollm2 --record")
+    if "qwen3" in parts:
+        steps = argparse.Namespace(**{**vars(args), "steps": min(args.steps, 5), "warmup": min(args.warmup, 2)})
+        print(json.dumps(qwen3(steps)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

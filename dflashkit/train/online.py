@@ -1,0 +1,248 @@
+"""`data.source: online`: train from generate-stage shards, the frozen target computing the hidden states per step.
+
+- Records: every line of the generate shards in `data.online.inputs` (dirs or .jsonl files, either record layout:
+  what the dump reads). They are indexed once (file, byte offset, id) and sorted by id within each input, the order
+  of a dump dir of the same records, so an online run and an offline run of the same records take the same batches
+  and anchors. Only the index is held in memory; a record's line is read when its batch is built.
+- Tokenization: the dump's own (`dflashkit.dump.records` to read a record, `tokenize_conversation` with the
+  training template and the record's `generation.chat_template_kwargs`: the thinking mode replayed), in the
+  DataLoader's workers. A record the dump would not write (bad JSON, template error, over-length under
+  `length_policy: skip`, an all-zero mask) is a bad record: skipped with one error line and counted (data.py).
+- Hidden states: the HF target (dflashkit.dump.hf_backend, the dump's reference backend), frozen, in bf16 on CUDA
+  (fp32 on the CPU), on each rank's own device, under no_grad. Each micro-batch runs once, cut to its longest
+  record, its states packed as the loader packs a dump's; target layer k is `hidden_states[k + 1]`, the final state (KD) the last decoder layer's output before the
+  final norm, as in a dump. The target's embed_tokens / lm_head / final norm are shared with the draft's head.
+- Prefetch: `prefetch` micro-batches ahead, the target's forward is queued on a side CUDA stream while the step
+  runs, its inputs copied from pinned memory; the tokenization runs in the loader's workers.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dflashkit.dump.format import dtype_name
+from dflashkit.dump.records import generated_files, generated_record, record_messages
+from dflashkit.formats import BadRecord, parse_line
+from dflashkit.model import TargetHead
+from dflashkit.model.layers import (
+    FINAL_STATE,
+    check_target_layer_ids,
+    default_target_layer_ids,
+    hidden_size,
+    num_hidden_layers,
+)
+from dflashkit.train.data import AnchoredDataset, BadRecordError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LineRef:
+    """Where one generated record lives."""
+    file: int  # index into OnlineIndex.files
+    offset: int
+    lineno: int
+    id: str
+
+
+def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, line number, bytes) of every non-blank line."""
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield offset, lineno, raw
+            offset += len(raw)
+
+
+def index_generated(inputs: list[str]) -> tuple[list[Path], list[LineRef]]:
+    """Every record of the inputs, sorted by id within each input (the order of a dump dir of the same records).
+    A line that cannot be parsed keeps its place under its source name and becomes a bad record when read."""
+    files: list[Path] = []
+    refs: list[LineRef] = []
+    for spec in inputs:
+        found = []
+        for path in generated_files(spec):
+            if path.suffix != ".jsonl":
+                raise ValueError(f"{path}: online training reads .jsonl generate shards")
+            files.append(path)
+            for offset, lineno, raw in _lines(path):
+                rec = generated_record(*parse_line(raw, f"{path.name}:{lineno}"), len(found))
+                found.append(LineRef(len(files) - 1, offset, lineno, rec.id))
+        refs += sorted(found, key=lambda r: r.id + ".pt")  # as list_dump_records sorts `<id>.pt`
+    if not refs:
+        raise ValueError(f"data.online.inputs {inputs} hold no records")
+    return files, refs
+
+
+class OnlineDataset(AnchoredDataset):
+    """Tokenized generated records (no hidden states: the target adds them per micro-batch on the device)."""
+
+    def __init__(self, files: list[Path], refs: list[LineRef], tokenizer_path: str, template: str | None,
+                 end_of_turn: str | None, max_seq_len: int, length_policy: str, num_anchors: int, seed: int,
+                 every_anchor: bool = False):
+        super().__init__(max_seq_len, num_anchors, seed, every_anchor)
+        self.files, self.refs = files, refs
+        self.tokenizer_path, self.template, self.end_of_turn = tokenizer_path, template, end_of_turn
+        self.length_policy = length_policy
+        self._tokenizer = None  # loaded in the worker that first needs it
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def record_id(self, index: int) -> str:
+        return self.refs[index].id
+
+    def read(self, index: int) -> dict:
+        from dflashkit.dump.tokenize import tokenize_conversation
+
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        ref = self.refs[index]
+        source = f"{self.files[ref.file].name}:{ref.lineno}"
+        with open(self.files[ref.file], "rb") as f:
+            f.seek(ref.offset)
+            rec = generated_record(*parse_line(f.readline(), source), index)
+        try:
+            if rec.error is not None:
+                raise rec.error
+            tok = tokenize_conversation(self._tokenizer, record_messages(rec.record), rec.template_kwargs,
+                                        self.template, self.max_seq_len, self.length_policy, self.end_of_turn)
+        except BadRecord as e:
+            raise BadRecordError(f"{source}: {e.reason}: {e.detail}") from e
+        return {"input_ids": torch.tensor(tok.input_ids, dtype=torch.long),
+                "loss_mask": torch.tensor(tok.loss_mask, dtype=torch.uint8)}
+
+
+def online_meta(target_model: str, online) -> dict:
+    """The dump meta an online run stands in for: the target's shape and the target layer ids."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(target_model)
+    n_layers = num_hidden_layers(config)
+    ids = online.target_layer_ids or default_target_layer_ids(n_layers, online.num_target_layers)
+    return {"target_layer_ids": check_target_layer_ids(ids, n_layers), "hidden_size": hidden_size(config),
+            "num_hidden_layers": n_layers, "final_state": FINAL_STATE}
+
+
+class TargetFeatures:
+    """The frozen target on this rank's device: adds `aux_hidden_states` (and, for KD, `hidden_states`) to a
+    collated micro-batch, on the device, padded like the batch's input_ids."""
+
+    def __init__(self, model, meta: dict, device: torch.device, dtype: torch.dtype, with_final: bool):
+        from dflashkit.dump.hf_backend import HFBackend
+
+        self.backend = HFBackend(model, dtype, meta["target_layer_ids"], device=str(device))
+        self.device, self.with_final = device, with_final
+
+    def __call__(self, batch: dict) -> dict:
+        """The batch with the states packed as the loader packs a dump's (`data.PACKED`: [sum of lengths, width],
+        row k at the batch's `token_index[k]`), on the device."""
+        t = batch["input_ids"].shape[1]
+        longest = max(2, int(batch["length"].max()))  # the forward skips the batch's padding to a power of two
+        final, aux = self.backend.forward(batch["input_ids"][:, :longest])
+        index = batch["token_index"]  # into [b * t]; the forward's layout is [b * longest]
+        index = (index // t * longest + index % t).to(self.device, non_blocking=True)
+        out = {**batch, "aux_hidden_states": aux.flatten(0, 1).index_select(0, index)}
+        if self.with_final:
+            out["hidden_states"] = final.flatten(0, 1).index_select(0, index)
+        return out
+
+    def head(self) -> TargetHead:
+        """The draft's frozen head from the target's own tensors (no second copy of the vocabulary matrices)."""
+        model = self.backend.model
+        lm_head = model.get_output_embeddings().weight
+        embed = model.get_input_embeddings().weight
+        norm = model.get_decoder().norm
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+        return TargetHead(embed, None if lm_head is embed else lm_head, norm.weight, float(eps))
+
+
+class Prefetched:
+    """The loader's micro-batches with the target's states, `depth` micro-batches ahead: on CUDA each forward is
+    queued on a side stream as soon as its batch leaves the loader, and the training stream waits only for the
+    batch it takes. On the CPU the forward runs when the batch is taken."""
+
+    def __init__(self, batches: Iterator[dict], target: TargetFeatures, depth: int):
+        self.source, self.target, self.depth = batches, target, depth
+        cuda = target.device.type == "cuda"
+        self.stream = torch.cuda.Stream(target.device) if cuda and depth > 0 else None
+        self.queue: deque = deque()
+
+    def __iter__(self) -> Prefetched:
+        return self
+
+    def _launch(self) -> bool:
+        try:
+            batch = next(self.source)
+        except StopIteration:
+            return False
+        if self.stream is None:
+            self.queue.append((batch, None))
+            return True
+        self.stream.wait_stream(torch.cuda.current_stream(self.target.device))
+        with torch.cuda.stream(self.stream):
+            out = self.target(batch)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.queue.append((out, event))
+        return True
+
+    def __next__(self) -> dict:
+        while len(self.queue) <= self.depth and self._launch():
+            pass
+        if not self.queue:
+            raise StopIteration
+        batch, event = self.queue.popleft()
+        if event is None:
+            return self.target(batch)
+        main = torch.cuda.current_stream(self.target.device)
+        main.wait_event(event)
+        for key in ("aux_hidden_states", "hidden_states"):
+            if key in batch:  # made on the side stream, freed on this one: keep the allocator from reusing it early
+                batch[key].record_stream(main)
+        return batch
+
+
+class OnlineSource:
+    """data.source=online: records are generated lines; the hidden states come from the target, per micro-batch."""
+
+    def __init__(self, cfg, device: torch.device, dtype: torch.dtype, model=None):
+        """`model`: the target as a module instead of loading cfg.target_model (benchmarks)."""
+        from transformers import AutoTokenizer
+
+        from dflashkit.templates import mask_source, read_template
+
+        self.cfg, o = cfg, cfg.data.online
+        self.meta = {**online_meta(cfg.target_model, o), "dtype": dtype_name(dtype)}
+        self.files, self.records = index_generated(o.inputs)
+        self.template = read_template(o.chat_template) if o.chat_template else None  # None: the tokenizer's own
+        # What the workers will render with, checked once here: no template at all stops the run before it starts.
+        source = mask_source(AutoTokenizer.from_pretrained(o.tokenizer or cfg.target_model), self.template,
+                             o.end_of_turn or None)
+        self.meta["mask_source"] = source.kind
+        self.target = TargetFeatures(model if model is not None else cfg.target_model, self.meta, device, dtype,
+                                     with_final=cfg.loss.kd_weight > 0)
+
+    def describe(self) -> str:
+        o = self.cfg.data.online
+        return (f"online from {o.inputs} ({len(self.files)} files), target {self.cfg.target_model}, loss mask: "
+                f"{self.meta['mask_source']} of {o.chat_template or 'the tokenizer template'}")
+
+    def dataset(self, records: list, num_anchors: int, every_anchor: bool = False) -> OnlineDataset:
+        c, o = self.cfg, self.cfg.data.online
+        return OnlineDataset(self.files, records, o.tokenizer or c.target_model, self.template, o.end_of_turn or None,
+                             c.data.max_seq_len, o.length_policy, num_anchors, c.seed, every_anchor)
+
+    def head(self) -> TargetHead:
+        return self.target.head()
+
+    def batches(self, loader) -> Prefetched:
+        return Prefetched(iter(loader), self.target, self.cfg.data.online.prefetch)
