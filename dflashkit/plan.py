@@ -278,7 +278,7 @@ def render(rows: list[StageCost], facts: dict, after: list[list[str]]) -> str:
     if any(r.stage != "export" and r.gpu_hours is None for r in rows):
         out.append(f"GPU-hours: only from throughputs measured on hardware "
                    f"({facts['throughputs'] or 'no bench/throughputs.json found'}); see docs/RECIPES.md, 'Planning'")
-    out += ["", "after training (`dflashkit submit` runs generate, dump, train):"]
+    out += ["", "after training (the eval stage of `dflashkit submit` runs these, or run them by hand):"]
     out += ["  " + shlex.join(cmd) for cmd in after]
     return "\n".join(out)
 
