@@ -14,8 +14,12 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,7 +31,8 @@ from dflashkit.model.layers import CONVENTION
 from dflashkit.prepare import model_dir
 from dflashkit.train.config import TrainConfig
 
-GREEDY = Path(__file__).resolve().parent.parent / "data" / "train_smollm2_greedy.json"
+REPO = Path(__file__).resolve().parents[2]
+GREEDY = REPO / "tests" / "data" / "train_smollm2_greedy.json"
 
 LAYER_IDS = [1, 14, 27]
 MASK_TOKEN_ID = 16  # SmolLM2's <empty_output>: a special token chats never contain
@@ -77,13 +82,18 @@ def recipe(dump: Path, out: Path, **overrides) -> TrainConfig:
             "data": {"dump_dirs": [str(dump)], "num_anchors": 8, "micro_batch_size": 4, "num_workers": 0},
             "optim": {"lr": 2e-3, "warmup_steps": 3, "epochs": 15},
             "loss": {"decay_gamma": 4.0}, "checkpoint_every": 1000}
+    return from_dict(TrainConfig, with_overrides(data, overrides))
+
+
+def with_overrides(data: dict, overrides: dict) -> dict:
+    """`data` with keyword overrides applied, `a__b=v` setting data["a"]["b"] (keywords cannot hold dots)."""
     for key, value in overrides.items():
         node = data
         *parents, leaf = key.split("__")
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return from_dict(TrainConfig, data)
+    return data
 
 
 def metrics(out: Path) -> dict[int, dict]:
@@ -113,3 +123,18 @@ def two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
     from dflashkit.train.loop import train
 
     train(cfg, resume=False)
+
+
+def kill_trainer_at_first_checkpoint(args: list[str], out: Path) -> int:
+    """Run `train_dflash.py ARGS` (writing to `out`), SIGKILL it as soon as its first checkpoint is complete, and
+    return that checkpoint's step."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_dflash.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "checkpoints" / "latest.json"
+    while not latest.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return json.loads(latest.read_text())["step"]

@@ -12,15 +12,14 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers.train import metrics, recipe
-
 from dflashkit.cli import main as cli
 from dflashkit.dump import list_dump_records
 from dflashkit.train.loop import train
+from tests.helpers.train import metrics, recipe
 
 
 @pytest.fixture
-def damaged(smollm2_dump, tmp_path):  # noqa: F811
+def damaged(smollm2_dump, tmp_path):
     dump = tmp_path / "dump"
     shutil.copytree(smollm2_dump, dump)
     paths = list_dump_records(dump)
@@ -63,7 +62,7 @@ def test_past_max_bad_records_training_stops_with_one_line(damaged, tmp_path):
         train(recipe(dump, tmp_path / "run", data__max_bad_records=1, optim__epochs=1), resume=False)
 
 
-def test_check_dump_lists_the_bad_records(damaged, smollm2_dump, tmp_path, capsys):  # noqa: F811
+def test_check_dump_lists_the_bad_records(damaged, smollm2_dump, tmp_path, capsys):
     dump, bad = damaged
     assert cli(["check-dump", str(smollm2_dump), "--workers", "2"]) == 0
     assert capsys.readouterr().out.strip().endswith("8 records, 8 readable, 0 bad")

@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.dumps import bad_records, generated_record, good_records, write_shard
-from tests.helpers.train import MASK_TOKEN_ID
-from tests.helpers.train import free_port, metrics, weights
 
 from dflashkit.config import from_dict
 from dflashkit.dump import list_dump_records, load_dump_record, read_meta
@@ -29,6 +21,16 @@ from dflashkit.prepare import model_dir
 from dflashkit.train import data, online
 from dflashkit.train.config import TrainConfig
 from dflashkit.train.loop import train
+from tests.helpers.dumps import bad_records, generated_record, good_records, write_shard
+from tests.helpers.train import (
+    MASK_TOKEN_ID,
+    free_port,
+    kill_trainer_at_first_checkpoint,
+    metrics,
+    two_process_worker,
+    weights,
+    with_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LAYER_IDS = [1, 14, 27]
@@ -74,13 +76,7 @@ def recipe(out: Path, gen: Path | None = None, dump: Path | None = None, **overr
            "data": {**source, "max_seq_len": 512, "num_anchors": 8, "micro_batch_size": 2, "num_workers": 0},
            "optim": {"lr": 2e-3, "warmup_steps": 2, "max_steps": 3, "eps": 1e-3},
            "loss": {"decay_gamma": 4.0, "kd_weight": 0.5}, "checkpoint_every": 1000}
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return from_dict(TrainConfig, cfg)
+    return from_dict(TrainConfig, with_overrides(cfg, overrides))
 
 
 def test_online_features_equal_the_hf_dump(generated, hf_dump, tmp_path):
@@ -157,16 +153,7 @@ def test_online_kill_and_resume_continues_exactly(generated, tmp_path):
             f"data.online.target_layer_ids={LAYER_IDS}", "data.max_seq_len=512", "data.num_anchors=8",
             "data.micro_batch_size=2", "data.num_workers=0", "optim.lr=2e-3", "optim.warmup_steps=2",
             "optim.max_steps=4", "optim.eps=1e-3", "loss.decay_gamma=4.0", "loss.kd_weight=0.5", "checkpoint_every=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_dflash.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = killed / "checkpoints" / "latest.json"
-    while not latest.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = json.loads(latest.read_text())["step"]
+    saved = kill_trainer_at_first_checkpoint(args, killed)
     assert saved < 4, "the run finished before it could be killed"
     assert train(cfg, resume=True) == 0
     straight, resumed = metrics(tmp_path / "straight"), metrics(killed)
@@ -176,19 +163,13 @@ def test_online_kill_and_resume_continues_exactly(generated, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _two_process_worker(rank: int, cfg: TrainConfig, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    train(cfg, resume=False)
-
-
 def test_two_processes_online_match_one_process_with_ddp_and_fsdp2(generated, tmp_path):
     """Each rank holds its own frozen target and reads its own slice; the steps equal one process's."""
     common = {"optim__max_steps": 2, "data__heldout_records": 2}
     assert train(recipe(tmp_path / "one", gen=generated, **common), resume=False) == 0
     for mode in ("ddp", "fsdp"):
         two = recipe(tmp_path / mode, gen=generated, data__micro_batch_size=1, parallel=mode, **common)
-        torch.multiprocessing.spawn(_two_process_worker, args=(two, free_port()), nprocs=2)
+        torch.multiprocessing.spawn(two_process_worker, args=(two, free_port()), nprocs=2)
         for step in (1, 2):
             a, b = metrics(tmp_path / "one")[step], metrics(tmp_path / mode)[step]
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["tokens"] == b["tokens"], mode

@@ -3,11 +3,6 @@ and resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +14,15 @@ from dflashkit.prepare import model_dir
 from dflashkit.train import data
 from dflashkit.train.distributed import Dist
 from dflashkit.train.loop import Trainer, draft_config, train
-from tests.helpers.train import MASK_TOKEN_ID, free_port, metrics, recipe, two_process_worker, weights
+from tests.helpers.train import (
+    MASK_TOKEN_ID,
+    free_port,
+    kill_trainer_at_first_checkpoint,
+    metrics,
+    recipe,
+    two_process_worker,
+    weights,
+)
 
 pytestmark = pytest.mark.integration  # it spawns the trainer (torchrun, 2 processes): minutes, not seconds
 
@@ -128,16 +131,7 @@ def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):
             "model.intermediate_size=256", f"data.dump_dirs=[{smollm2_dump}]", "data.num_anchors=8",
             "data.micro_batch_size=4", "data.num_workers=0", "optim.lr=2e-3", "optim.warmup_steps=3",
             "optim.epochs=1", "optim.max_steps=6", "loss.decay_gamma=4.0", "checkpoint_every=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as this process
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_dflash.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = killed / "checkpoints" / "latest.json"
-    while not latest.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = json.loads(latest.read_text())["step"]
+    saved = kill_trainer_at_first_checkpoint(args, killed)
     assert saved < 6, "the run finished before it could be killed"
     with pytest.raises(SystemExit, match="--resume"):
         train(cfg, resume=False)

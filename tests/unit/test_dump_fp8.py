@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.dumps import good_records, write_shard
-from tests.helpers.train import MASK_TOKEN_ID
 
 from dflashkit.config import from_dict
 from dflashkit.dump import format as fmt
@@ -15,6 +13,8 @@ from dflashkit.dump.run import main as dump_main
 from dflashkit.prepare import model_dir
 from dflashkit.train.config import TrainConfig
 from dflashkit.train.loop import train
+from tests.helpers.dumps import good_records, write_shard
+from tests.helpers.train import MASK_TOKEN_ID
 
 # The error bound FORMATS.md states: float8_e4m3fn keeps 3 mantissa bits (a relative rounding step of 2^-4 at most,
 # 2^-5 on average), so each (token, layer) row's relative L2 error against bf16 stays under 4%.
@@ -27,7 +27,7 @@ def row_errors(approx: torch.Tensor, exact: torch.Tensor, groups: int) -> torch.
     return (a - e).norm(dim=-1) / e.norm(dim=-1).clamp(min=1e-12)
 
 
-def test_fp8_round_trip_on_real_smollm2_states(smollm2_dump, tmp_path):  # noqa: F811
+def test_fp8_round_trip_on_real_smollm2_states(smollm2_dump, tmp_path):
     """Every record of the real SmolLM2 dump (3 target layers + the final state), bf16 -> fp8 -> dequantized."""
     meta = fmt.read_meta(smollm2_dump)
     n = len(meta["target_layer_ids"])
