@@ -40,6 +40,7 @@ from ..formats import (
     to_output_messages,
 )
 from ..io import JsonlAppender, atomic_write_json
+from ..shards import ShardFiles
 
 log = logging.getLogger("dflashkit.generate.engine")
 
@@ -454,16 +455,16 @@ def main(argv: list[str] | None = None) -> int:
         from .synth import synthesize_with_engine
 
         return synthesize_with_engine(decoder, eos_ids(model, tokenizer), renderer, args, name)
-    base = Path(args.output_dir) / f"shard-{args.shard_id:05d}-of-{args.num_shards:05d}"
-    done = Path(f"{base}.done.json")
+    files = ShardFiles(Path(args.output_dir), args.shard_id, args.num_shards)
+    done = files.done
     if done.exists():
         log.info("%s exists; nothing to do", done)
         return 0
     t0 = time.time()
-    already = written_ids(Path(f"{base}.jsonl"))  # a rerun answers only the rest, like server_generate.py
+    already = written_ids(files.records)  # a rerun answers only the rest, like server_generate.py
     if already:
-        log.info("resuming: %d conversations already in %s.jsonl", len(already), base)
-    with JsonlAppender(f"{base}.errors.jsonl", truncate=True) as errors, JsonlAppender(f"{base}.jsonl") as sink:
+        log.info("resuming: %d conversations already in %s", len(already), files.records)
+    with JsonlAppender(files.errors, truncate=True) as errors, JsonlAppender(files.records) as sink:
         conversations, inputs = read_conversations(args, errors, already)
         engine = Engine(decoder, eos_ids(model, tokenizer))
         tokens = {"prompt": 0, "completion": 0}
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                              **summary, "wall_time_s": round(wall, 3), "dtype": args.dtype,
                              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    log.info("%s done in %.1f s: %s", base.name, wall, json.dumps(summary))
+    log.info("%s done in %.1f s: %s", files.name, wall, json.dumps(summary))
     return 0
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..io import JsonlAppender, atomic_write_json
+from ..shards import shard_name
 
 SENTINEL = "\u2063DFLASHKIT_USER_TEXT\u2063"  # rendered in place of the user text, then cut off
 
@@ -82,7 +83,7 @@ class SynthPaths:
 
     @classmethod
     def of(cls, out_dir: Path, shard_id: int, num_shards: int) -> SynthPaths:
-        name = f"shard-{shard_id:05d}-of-{num_shards:05d}"
+        name = shard_name(shard_id, num_shards)
         return cls(Path(out_dir) / "prompts" / f"{name}.jsonl", Path(out_dir) / f"{name}.done.json")
 
 
