@@ -138,3 +138,12 @@ def kill_trainer_at_first_checkpoint(args: list[str], out: Path) -> int:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return json.loads(latest.read_text())["step"]
+
+
+def assert_resumed_as_straight(straight: Path, resumed: Path, steps: range) -> None:
+    """The resumed run's losses at `steps` and its final weights equal the uninterrupted run's, bitwise."""
+    a, b = metrics(straight), metrics(resumed)
+    for step in steps:
+        assert b[step]["loss"] == a[step]["loss"], step
+    wa, wb = weights(straight), weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -24,6 +24,7 @@ from dflashkit.train.loop import train
 from tests.helpers.dumps import bad_records, generated_record, good_records, write_shard
 from tests.helpers.train import (
     MASK_TOKEN_ID,
+    assert_resumed_as_straight,
     free_port,
     kill_trainer_at_first_checkpoint,
     metrics,
@@ -156,11 +157,7 @@ def test_online_kill_and_resume_continues_exactly(generated, tmp_path):
     saved = kill_trainer_at_first_checkpoint(args, killed)
     assert saved < 4, "the run finished before it could be killed"
     assert train(cfg, resume=True) == 0
-    straight, resumed = metrics(tmp_path / "straight"), metrics(killed)
-    for step in range(saved + 1, 5):
-        assert resumed[step]["loss"] == straight[step]["loss"], step  # bitwise
-    wa, wb = weights(tmp_path / "straight"), weights(killed)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resumed_as_straight(tmp_path / "straight", killed, range(saved + 1, 5))
 
 
 def test_two_processes_online_match_one_process_with_ddp_and_fsdp2(generated, tmp_path):

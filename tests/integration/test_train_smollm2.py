@@ -16,6 +16,7 @@ from dflashkit.train.distributed import Dist
 from dflashkit.train.loop import Trainer, draft_config, train
 from tests.helpers.train import (
     MASK_TOKEN_ID,
+    assert_resumed_as_straight,
     free_port,
     kill_trainer_at_first_checkpoint,
     metrics,
@@ -136,8 +137,4 @@ def test_kill_and_resume_continues_exactly(smollm2_dump, tmp_path):
     with pytest.raises(SystemExit, match="--resume"):
         train(cfg, resume=False)
     assert train(cfg, resume=True) == 0
-    straight, resumed = metrics(tmp_path / "straight"), metrics(killed)
-    for step in range(saved + 1, 7):
-        assert resumed[step]["loss"] == straight[step]["loss"], step  # bitwise
-    wa, wb = weights(tmp_path / "straight"), weights(killed)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resumed_as_straight(tmp_path / "straight", killed, range(saved + 1, 7))
