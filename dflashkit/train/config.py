@@ -44,6 +44,9 @@ class OnlineSpec:
     target_layer_ids: list[int] = field(default_factory=list)  # empty: the dump's default spread
     num_target_layers: int = 5  # the spread's size when target_layer_ids is empty (the dump's --num-draft-layers)
     prefetch: int = 2  # micro-batches whose target forward is queued ahead on a side CUDA stream
+    # Generate shards whose records are the held-out set (instead of data.heldout_records drawn from the inputs):
+    # the same text for runs on different inputs, e.g. training sets of different sizes.
+    heldout_inputs: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.num_target_layers < 1 or self.prefetch < 0:
@@ -84,6 +87,9 @@ class DataSpec:
             raise ValueError("data sizes must be positive")
         if self.heldout_records < 0:
             raise ValueError("data.heldout_records must be >= 0")
+        if self.online.heldout_inputs and (self.source != "online" or self.heldout_records):
+            raise ValueError("data.online.heldout_inputs is the held-out set of data.source=online; "
+                             "data.heldout_records must then be 0")
 
 
 @dataclass

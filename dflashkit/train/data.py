@@ -185,6 +185,7 @@ class DumpSource:
     def __init__(self, cfg, device: torch.device, dtype: torch.dtype):
         self.cfg, self.dtype = cfg, dtype
         self.meta, self.records = read_dump_dirs(cfg.data.dump_dirs)
+        self.heldout = None  # the held-out records are drawn from these (data.heldout_records)
         if cfg.loss.kd_weight > 0 and self.meta["final_state"] == "none":
             raise ValueError(f"loss.kd_weight > 0 needs the final state, and {cfg.data.dump_dirs} were dumped "
                              "with --no-final-state")

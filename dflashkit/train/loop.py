@@ -262,7 +262,8 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
         raise SystemExit(f"{ckpt_root} holds checkpoints; pass --resume to continue, or choose another output_dir")
     source = SOURCES[cfg.data.source](cfg, d.device, torch.bfloat16 if uses_bf16(cfg, d) else torch.float32)
     meta = source.meta
-    paths, heldout_paths = data.split_heldout(source.records, cfg.data.heldout_records)
+    paths, heldout_paths = ((source.records, source.heldout) if source.heldout is not None else
+                            data.split_heldout(source.records, cfg.data.heldout_records))
     dcfg = draft_config(cfg, meta)
     if d.is_main:
         log.info("resolved configuration:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())

@@ -9,8 +9,8 @@
   DataLoader's workers. A record the dump would not write (bad JSON, template error, over-length under
   `length_policy: skip`, an all-zero mask) is a bad record: skipped with one error line and counted (data.py).
 - Hidden states: the HF target (dflashkit.dump.hf_backend, the dump's reference backend), frozen, in bf16 on CUDA
-  (fp32 on the CPU), on each rank's own device, under no_grad. Each micro-batch runs once, cut to its longest
-  record, its states packed as the loader packs a dump's; target layer k is `hidden_states[k + 1]`, the final state (KD) the last decoder layer's output before the
+  (fp32 on the CPU), on each rank's own device, under no_grad. Each micro-batch's rows run in groups of similar
+  length, each forward cut to its longest row, the states packed as the loader packs a dump's; target layer k is `hidden_states[k + 1]`, the final state (KD) the last decoder layer's output before the
   final norm, as in a dump. The target's embed_tokens / lm_head / final norm are shared with the draft's head.
 - Prefetch: `prefetch` micro-batches ahead, the target's forward is queued on a side CUDA stream while the step
   runs, its inputs copied from pinned memory; the tokenization runs in the loader's workers.
@@ -132,27 +132,58 @@ def online_meta(target_model: str, online) -> dict:
             "num_hidden_layers": n_layers, "final_state": FINAL_STATE}
 
 
+# What one more target forward costs, in padded tokens: its ~15 kernels a layer launched again (about 3 ms on an
+# H200, the time SmolLM2's forward takes over ~2K tokens). Grouping a micro-batch's rows by length trades these
+# launches against the padding a single forward over the longest row would compute (up to 4x with ShareGPT answers).
+FORWARD_COST_TOKENS = 2048
+
+
+def length_groups(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[list[int]]:
+    """Row indices in groups of similar length, each group one target forward: the split of the rows sorted longest
+    first that minimizes padded tokens + `forward_cost` per forward (exact, by dynamic programming over the cuts)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0] + [float("inf")] * n  # best[j]: the cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # rows i..j-1 in one forward, padded to the longest, sorted row i
+            cost = best[i] + (j - i) * lengths[order[i]] + forward_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
 class TargetFeatures:
     """The frozen target on this rank's device: adds `aux_hidden_states` (and, for KD, `hidden_states`) to a
-    collated micro-batch, on the device, padded like the batch's input_ids."""
+    collated micro-batch, on the device, packed like a dump's states."""
 
     def __init__(self, model, meta: dict, device: torch.device, dtype: torch.dtype, with_final: bool):
         from dflashkit.dump.hf_backend import HFBackend
 
         self.backend = HFBackend(model, dtype, meta["target_layer_ids"], device=str(device))
         self.device, self.with_final = device, with_final
+        self.forward_cost = FORWARD_COST_TOKENS
 
     def __call__(self, batch: dict) -> dict:
         """The batch with the states packed as the loader packs a dump's (`data.PACKED`: [sum of lengths, width],
-        row k at the batch's `token_index[k]`), on the device."""
-        t = batch["input_ids"].shape[1]
-        longest = max(2, int(batch["length"].max()))  # the forward skips the batch's padding to a power of two
-        final, aux = self.backend.forward(batch["input_ids"][:, :longest])
-        index = batch["token_index"]  # into [b * t]; the forward's layout is [b * longest]
-        index = (index // t * longest + index % t).to(self.device, non_blocking=True)
-        out = {**batch, "aux_hidden_states": aux.flatten(0, 1).index_select(0, index)}
+        the rows' real positions in row order), on the device. The rows run in length groups (`length_groups`), each
+        forward cut to its longest row, so the target computes little of the batch's padding."""
+        ids = batch["input_ids"]
+        # Each row's packed positions (a bad record's placeholder too), from the host-side index: no device sync.
+        lengths = torch.bincount(batch["token_index"] // ids.shape[1], minlength=ids.shape[0]).tolist()
+        finals, auxes = [None] * len(lengths), [None] * len(lengths)
+        for rows in length_groups(lengths, self.forward_cost):
+            longest = max(2, lengths[rows[0]])
+            final, aux = self.backend.forward(ids[rows, :longest])
+            for j, row in enumerate(rows):
+                finals[row], auxes[row] = final[j, : lengths[row]], aux[j, : lengths[row]]
+        out = {**batch, "aux_hidden_states": torch.cat(auxes)}
         if self.with_final:
-            out["hidden_states"] = final.flatten(0, 1).index_select(0, index)
+            out["hidden_states"] = torch.cat(finals)
         return out
 
     def head(self) -> TargetHead:
@@ -223,6 +254,11 @@ class OnlineSource:
         self.cfg, o = cfg, cfg.data.online
         self.meta = {**online_meta(cfg.target_model, o), "dtype": dtype_name(dtype)}
         self.files, self.records = index_generated(o.inputs)
+        self.heldout = None  # None: drawn from the records (data.heldout_records)
+        if o.heldout_inputs:
+            files, refs = index_generated(o.heldout_inputs)
+            self.heldout = [LineRef(r.file + len(self.files), r.offset, r.lineno, r.id) for r in refs]
+            self.files += files
         self.template = read_template(o.chat_template) if o.chat_template else None  # None: the tokenizer's own
         # What the workers will render with, checked once here: no template at all stops the run before it starts.
         source = mask_source(AutoTokenizer.from_pretrained(o.tokenizer or cfg.target_model), self.template,

@@ -83,7 +83,8 @@ def recipe(out: Path, gen: Path | None = None, dump: Path | None = None, **overr
 def test_online_features_equal_the_hf_dump(generated, hf_dump, tmp_path):
     """Same records, same order, same tokens and loss masks (the dump's tokenization, thinking modes replayed), and
     the target's states at the target layers and the pre-norm final state equal the HF dump's: bitwise one record
-    at a time (the dump's own shapes), to fp32 summation order in a right-padded micro-batch of 4."""
+    at a time (the dump's own shapes), to fp32 summation order in a right-padded micro-batch of 4, whether its rows run
+    in one forward or in length groups."""
     source = online.OnlineSource(recipe(tmp_path, gen=generated), torch.device("cpu"), torch.float32)
     paths = list_dump_records(hf_dump)
     assert [r.id for r in source.records] == [p.stem for p in paths]
@@ -99,7 +100,8 @@ def test_online_features_equal_the_hf_dump(generated, hf_dump, tmp_path):
         assert torch.equal(batch["loss_mask"][0, :t], rec["loss_mask"])
         assert torch.equal(batch["aux_hidden_states"], rec["aux_hidden_states"])  # packed: the real rows only
         assert torch.equal(batch["hidden_states"], rec["hidden_states"])
-    for start in (0, 4):
+    for start, forward_cost in ((0, 10**9), (4, 10**9), (0, 0)):  # one forward; then one per distinct length
+        source.target.forward_cost = forward_cost
         batch = source.target(data.collate([dataset[(i, 0)] for i in range(start, start + 4)], block_size=4))
         for row, rec in enumerate(dumped[start:start + 4]):
             t = rec["input_ids"].shape[0]
@@ -188,3 +190,28 @@ def test_index_reads_every_line_of_files_and_dirs(tmp_path):
     assert files == [gen / "shard-00000-of-00001.jsonl"]
     _, one = online.index_generated([str(gen / "shard-00000-of-00001.jsonl")])
     assert one == refs
+
+
+def test_length_groups_trade_padding_against_forwards():
+    """Rows sorted longest first and cut where the padding saved pays for another forward; every row once."""
+    lengths = [100, 2000, 120, 1900, 110, 2048]
+    assert online.length_groups(lengths, forward_cost=10**9) == [[5, 1, 3, 2, 4, 0]]
+    assert online.length_groups(lengths, forward_cost=1000) == [[5, 1, 3], [2, 4, 0]]
+    assert online.length_groups(lengths, forward_cost=0) == [[5], [1], [3], [2], [4], [0]]
+    assert online.length_groups([7], forward_cost=1000) == [[0]]
+
+
+def test_heldout_inputs_are_the_heldout_set(tmp_path, caplog):
+    """data.online.heldout_inputs: every record of those shards is held out and scored, none of the inputs' is."""
+    write_shard(tmp_path / "gen", good_records(0, 4))
+    write_shard(tmp_path / "heldout", good_records(4, 3))
+    run = recipe(tmp_path / "run", gen=tmp_path / "gen", data__online__heldout_inputs=[str(tmp_path / "heldout")],
+                 optim__max_steps=0, optim__epochs=1)
+    with caplog.at_level("INFO", logger="dflashkit.train.loop"):
+        assert train(run, resume=False) == 0
+    assert any("data: 4 records" in r.getMessage() and "(3 held out)" in r.getMessage() for r in caplog.records)
+    scored = [json.loads(line) for line in (tmp_path / "run" / "heldout.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in scored] == [2] and scored[0]["tau"] >= 1.0
+    with pytest.raises(ValueError, match="heldout_records must then be 0"):
+        recipe(tmp_path / "both", gen=tmp_path / "gen", data__heldout_records=1,
+               data__online__heldout_inputs=[str(tmp_path / "heldout")])

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# One GPU run within a deadline: the tau-vs-data curve (issue 17), DSpark beside DFlash at the largest size
+# (issue 18) and a draft from bf16 dumps beside one from fp8 dumps of the same records (issue 16), all on one card at
+# once; then, alone on the card, the minimax-m3 step row (issue 19) and the qwen3-8b online cost (issue 16).
+#
+#   W=/tmp/c GGUF=smollm2.gguf TOK=DIR MULTITURN=sharegpt-multiturn.jsonl MTBENCH=mtbench.jsonl OUT=DIR \
+#       DEADLINE=$(( $(date +%s) + 1320 )) bash bench/curve_run.sh
+#
+# Data: the kept answers of bench/data (MULTITURN: the prompt file bench/data/README.md names) split by
+# bench/curve_data.py into nested training sets of SIZES records and one held-out set of 256. Every run is
+# configs/train/smollm2-quality.yaml with EPOCHS epochs, trained online (data.source=online), scored at each
+# checkpoint on the held-out set (the trainer's served tau, heldout.jsonl), then exported and evaluated by our loop
+# on the MT-Bench turn-1 prompts (MTBENCH, 256 tokens, bf16 target: the answers' dtype) in SLICES processes.
+# FP8_RECORDS records are dumped in bf16 and in fp8 and trained offline for FP8_EPOCHS epochs each (FP8_HELDOUT of
+# them held out, 128).
+# A training still running EVAL_RESERVE seconds before the deadline is stopped and its last checkpoint evaluated.
+# TRAIN_EXTRA adds dotted overrides to every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check, BENCH=0
+# skips the step rows.
+# What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings) and the largest
+# DFlash draft as draft.tar.xz.part-NN (15 MiB pieces: cat them, then tar -xJf).
+set -uo pipefail
+: "${W:?}" "${GGUF:?}" "${TOK:?}" "${MULTITURN:?}" "${MTBENCH:?}" "${OUT:?}" "${DEADLINE:?}"
+SIZES=${SIZES:-5480 10961 all}; EPOCHS=${EPOCHS:-3}; FP8_RECORDS=${FP8_RECORDS:-2000}; FP8_EPOCHS=${FP8_EPOCHS:-6}
+SLICES=${SLICES:-5}; EVAL_RESERVE=${EVAL_RESERVE:-300}; EVAL_TOKENS=${EVAL_TOKENS:-256}
+read -r -a extra <<<"${TRAIN_EXTRA:-}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+left() { echo $(( DEADLINE - $(date +%s) - $1 )); }  # seconds to the deadline, less $1 kept for what follows
+limit() { local s; s=$(left "$1"); echo $(( s > 1 ? s : 1 )); }  # the same as a timeout (at least 1 s)
+stamp() { echo "$(date +%s) $*" | tee -a "$W/logs/timings.txt"; }
+mkdir -p "$W/logs" "$W/runs" "$OUT"
+
+bundle() {  # everything small that a run wrote, as one file in $OUT (runs in parallel bundle: each renames its own)
+    local tmp="$OUT/.results-$BASHPID.tmp"
+    (cd "$W" && find logs runs -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \) \
+        -not -path '*/checkpoints/*' -not -name 'mtbench-*.jsonl' -not -name 'generations.jsonl' -size -20M \
+        | tar -cJf "$tmp" -T -) && mv "$tmp" "$OUT/results.tar.xz"
+}
+
+train() {  # train NAME OVERRIDES...: one run on the card, stopped at its deadline; then export and eval
+    local name=$1 run=$W/runs/$1; shift
+    mkdir -p "$run"
+    stamp "train-start $name"
+    timeout "$(limit "$EVAL_RESERVE")" python train_dflash.py --config configs/train/smollm2-quality.yaml \
+        target_model="$W/smollm2" output_dir="$run/train" data.num_workers=3 "$@" "${extra[@]}" > "$run/train.log" 2>&1
+    stamp "train-end $name rc=$?"
+    python -m dflashkit.cli export --checkpoint "$run/train" --target "$W/smollm2" --out "$run/draft" --overwrite \
+        > "$run/export.log" 2>&1 || { stamp "export-failed $name"; return 1; }
+    local i pids=()
+    for ((i = 0; i < SLICES; i++)); do  # MT-Bench line k to slice k mod SLICES: every slice has every category
+        awk -v n="$SLICES" -v i="$i" '(NR - 1) % n == i' "$MTBENCH" > "$run/mtbench-$i.jsonl"
+        timeout "$(limit 30)" python -m dflashkit.cli eval --draft "$run/draft" --target "$W/smollm2" \
+            --out "$run/eval/mtbench-$i" --mtbench "$run/mtbench-$i.jsonl" --max-new-tokens "$EVAL_TOKENS" \
+            --dtype bfloat16 --skip-lossless > "$run/eval-$i.log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    python bench/merge_eval_reports.py "$run/eval/merged.json" "$run"/eval/mtbench-*/report.json \
+        > "$run/eval/merged.txt" 2>&1
+    stamp "eval-end $name $(grep -o '"tau": [0-9.]*' "$run/eval/merged.json" 2> /dev/null | head -1)"
+    bundle
+}
+
+dumped() {  # dumped DTYPE: the FP8_RECORDS records dumped by the HF backend, then one offline run on them
+    python compute_hidden_states_hf.py --model "$W/smollm2" --input "$W/fp8-records.jsonl" --output-dir "$W/dump-$1" \
+        --chat-template smollm2-thinking-train --num-draft-layers 5 --dtype "$1" --max-seq-len 2048 --no-progress \
+        > "$W/logs/dump-$1.log" 2>&1 || { stamp "dump-failed $1"; return 1; }
+    stamp "dump-end $1 $(du -sb "$W/dump-$1" | cut -f1) bytes"
+    train "dump-$1" "data.dump_dirs=[$W/dump-$1]" data.heldout_records="${FP8_HELDOUT:-128}" optim.epochs="$FP8_EPOCHS"
+}
+
+stamp convert
+python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" --prompts "$MULTITURN" \
+    --model-out "$W/smollm2" > "$W/logs/convert.log" 2>&1 || { stamp convert-failed; bundle; exit 1; }
+python -m dflashkit.generate.answers unpack bench/data/smollm2-sharegpt-answers.jsonl.xz --prompts "$MULTITURN" \
+    --output-dir "$W/gen-sharegpt" && xz -dc bench/data/smollm2-synth-prompts.jsonl.xz > "$W/synth-prompts.jsonl" \
+    && python -m dflashkit.generate.answers unpack bench/data/smollm2-synth-answers.jsonl.xz \
+        --prompts "$W/synth-prompts.jsonl" --output-dir "$W/gen-synth" \
+    && python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --heldout "${HELDOUT:-256}" --sizes $SIZES \
+        --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
+largest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | tail -1)
+head -n "$FP8_RECORDS" "$W/curve/train-$largest.jsonl" > "$W/fp8-records.jsonl"
+
+online=(data.source=online data.online.chat_template=smollm2-thinking-train data.heldout_records=0
+        "data.online.heldout_inputs=[$W/curve/heldout.jsonl]" optim.epochs="$EPOCHS")
+pids=()
+for f in "$W"/curve/train-*.jsonl; do
+    n=$(basename "$f" .jsonl); n=${n#train-}
+    train "dflash-$n" "${online[@]}" "data.online.inputs=[$f]" & pids+=($!)
+done
+train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
+    model.block_size=15 & pids+=($!)
+(dumped bfloat16; dumped float8_e4m3fn) & pids+=($!)
+wait "${pids[@]}"
+stamp curve-end
+(cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
+bundle
+
+if [[ ${BENCH:-1} != 0 ]]; then  # alone on the card: timings
+    for flags in "" "--activation-checkpointing"; do
+        (( $(left 0) > 60 )) || break
+        stamp "m3-step $flags"
+        timeout "$(( $(left 0) < 150 ? $(left 0) : 150 ))" python bench/train_step.py --preset minimax-m3 \
+            --micro-batch 4 $flags >> "$W/logs/m3-step.jsonl" 2>> "$W/logs/m3-step.err"
+        bundle
+    done
+    if (( $(left 0) > 90 )); then
+        stamp qwen3-online
+        timeout "$(limit 0)" python bench/online_vs_offline.py --parts qwen3 --work "$W/qwen3" \
+            > "$W/logs/qwen3-online.jsonl" 2> "$W/logs/qwen3-online.err"
+    fi
+fi
+stamp done
+bundle
