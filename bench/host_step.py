@@ -108,13 +108,13 @@ def main(argv=None) -> int:
     real = int(batch["length"].sum())
     nbytes = sum(t.numel() * t.element_size() for t in batch.values())
     padded_nbytes = nbytes + sum((batch["input_ids"].numel() - batch[k].shape[0]) * batch[k][0].numel() *
-                                 batch[k].element_size() for k in PACKED)
+                                 batch[k].element_size() for k in PACKED if k in batch)
     torch.nn.Module.to = lambda self, *a, **k: self  # fake parameters cannot be swapped in place (all on the CPU)
     seq = batch["input_ids"].shape[1]
     print(json.dumps({
         "micro_batch": args.micro_batch, "padded_seq": seq, "real_tokens": real,
         "collate_ms": best_ms(lambda: collate(items, BLOCK), args.repeats),
-        "wide_padding_ms": best_ms(lambda: [padded_features(batch, k) for k in PACKED], args.repeats),
+        "wide_padding_ms": best_ms(lambda: [padded_features(batch, k) for k in PACKED if k in batch], args.repeats),
         "targets_ms": best_ms(targets, args.repeats),
         "padding_efficiency": round(real / batch["input_ids"].numel(), 3),
         "batch_mb": round(nbytes / 1e6, 1), "padded_batch_mb": round(padded_nbytes / 1e6, 1),

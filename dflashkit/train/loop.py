@@ -139,8 +139,9 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _on_device(self, batch: dict) -> dict:
-        # Batches come pinned from the loader (or already copied by data.DevicePrefetcher): no copy waits.
-        return data.to_device(batch, self.d.device)
+        # Batches come pinned from the loader (or already copied by data.DevicePrefetcher): no copy waits. fp8
+        # states cross as fp8 (half the bytes) and become bf16 here.
+        return data.dequantized(data.to_device(batch, self.d.device))
 
     def step(self, batches: list[dict], lr: float) -> dict:
         """One optimizer step over the micro-batches. Nothing in it waits for the GPU: the result stays on the

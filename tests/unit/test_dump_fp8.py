@@ -105,3 +105,28 @@ def test_the_dump_writes_fp8_without_the_final_state_and_the_trainer_reads_it(tm
     assert (tmp_path / "train" / "metrics.jsonl").read_text().count("\n") == 2
     with pytest.raises(ValueError, match="--no-final-state"):  # KD needs the final state
         train(recipe(tmp_path / "fp8", tmp_path / "kd", kd_weight=0.5), resume=False)
+
+
+def test_fp8_batches_cross_as_fp8_and_dequantize_to_the_readers_states(tmp_path):
+    """The loader keeps fp8 states and their scales (half the bytes to pin and copy); the step's dequantization gives
+    the states `load_dump_record` gives, the final state too (KD), and a bad record's placeholder fits the batch."""
+    from dflashkit.train import data
+
+    gen = write_shard(tmp_path / "gen", good_records(0, 3))
+    dump(gen, tmp_path / "fp8", "--dtype", fmt.FP8)
+    meta = fmt.read_meta(tmp_path / "fp8")
+    paths = fmt.list_dump_records(tmp_path / "fp8")
+    paths.insert(1, tmp_path / "fp8" / "missing.pt")  # unreadable: the placeholder
+    dataset = data.DumpDataset(paths, meta, 512, 8, seed=0, with_final=True)
+    batch = data.collate([dataset[(i, 0)] for i in range(len(paths))], block_size=4)
+    assert batch["aux_hidden_states"].dtype == torch.float8_e4m3fn and "aux_scale" in batch
+    assert batch["bad"][1] and not any(batch["bad"][:1] + batch["bad"][2:])
+    states = data.dequantized(batch)
+    assert "aux_scale" not in states and "hidden_scale" not in states
+    readable = [fmt.load_dump_record(p, meta) for p in paths if p.exists()]
+    for key in ("aux_hidden_states", "hidden_states"):
+        padded = data.padded_features(states, key)
+        assert states[key].dtype == torch.bfloat16
+        for row, rec in zip((0, 2, 3), readable):
+            assert torch.equal(padded[row, : rec[key].shape[0]], rec[key]), (key, row)
+    assert train(recipe(tmp_path / "fp8", tmp_path / "kd", kd_weight=0.5), resume=False) == 0
