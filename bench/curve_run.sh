@@ -14,8 +14,9 @@
 # FP8_RECORDS records are dumped in bf16 and in fp8 and trained offline for FP8_EPOCHS epochs each (FP8_HELDOUT of
 # them held out, 128).
 # A training still running EVAL_RESERVE seconds before the deadline is stopped and its last checkpoint evaluated.
-# TRAIN_EXTRA adds dotted overrides to every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check, BENCH=0
-# skips the step rows.
+# PEERS_SITE (a folder with specforge 0.2.0 installed, --no-deps) adds the peer row: SpecForge's trainer on the bf16
+# dump for our run's steps (bench/peers/specforge_train.py), evaluated as ours. TRAIN_EXTRA adds dotted overrides to
+# every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check, BENCH=0 skips the step rows.
 # What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings) and the largest
 # DFlash draft as draft.tar.xz.part-NN (15 MiB pieces: cat them, then tar -xJf).
 set -uo pipefail
@@ -45,7 +46,11 @@ train() {  # train NAME OVERRIDES...: one run on the card, stopped at its deadli
     stamp "train-end $name rc=$?"
     python -m dflashkit.cli export --checkpoint "$run/train" --target "$W/smollm2" --out "$run/draft" --overwrite \
         > "$run/export.log" 2>&1 || { stamp "export-failed $name"; return 1; }
-    local i pids=()
+    evaluate "$name"
+}
+
+evaluate() {  # evaluate NAME: runs/NAME/draft on the MT-Bench prompts in SLICES processes, merged
+    local name=$1 run=$W/runs/$1 i pids=()
     for ((i = 0; i < SLICES; i++)); do  # MT-Bench line k to slice k mod SLICES: every slice has every category
         awk -v n="$SLICES" -v i="$i" '(NR - 1) % n == i' "$MTBENCH" > "$run/mtbench-$i.jsonl"
         timeout "$(limit 30)" python -m dflashkit.cli eval --draft "$run/draft" --target "$W/smollm2" \
@@ -66,6 +71,20 @@ dumped() {  # dumped DTYPE: the FP8_RECORDS records dumped by the HF backend, th
         > "$W/logs/dump-$1.log" 2>&1 || { stamp "dump-failed $1"; return 1; }
     stamp "dump-end $1 $(du -sb "$W/dump-$1" | cut -f1) bytes"
     train "dump-$1" "data.dump_dirs=[$W/dump-$1]" data.heldout_records="${FP8_HELDOUT:-128}" optim.epochs="$FP8_EPOCHS"
+}
+
+peer() {  # SpecForge 0.2's own trainer and defaults on the bf16 dump, for as many steps at the same global batch as
+    # our run on it (which holds FP8_HELDOUT records out; SpecForge trains on all), our draft shape; then our eval
+    local run=$W/runs/peer-specforge steps
+    steps=$(tail -n 1 "$W/runs/dump-bfloat16/train/metrics.jsonl" | python -c 'import json, sys; print(json.load(sys.stdin)["step"])') \
+        || { stamp "peer-failed: no steps of ours to match"; return 1; }
+    mkdir -p "$run"; stamp "peer-start $steps steps"
+    timeout "$(limit "$EVAL_RESERVE")" env PYTHONPATH="$PEERS_SITE:${PYTHONPATH:-}" python bench/peers/specforge_train.py \
+        --dump "$W/dump-bfloat16" --out "$run" --target "$W/smollm2" --mask-token-id 16 --steps "$steps" \
+        --global-batch 32 --micro-batch "${PEER_MICRO_BATCH:-8}" --num-layers 3 --block-size 16 ${PEER_ARGS:-} \
+        > "$run/peer.txt" 2> "$run/peer.log"  # its step lines, then one JSON line
+    stamp "peer-end rc=$?"
+    [[ -f $run/draft/config.json ]] && evaluate peer-specforge
 }
 
 stamp convert
@@ -93,6 +112,10 @@ done
 train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
     model.block_size=15 & pids+=($!)
 (dumped bfloat16; dumped float8_e4m3fn) & pids+=($!)
+if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 dump has trained
+    (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done; peer) &
+    pids+=($!)
+fi
 wait "${pids[@]}"
 stamp curve-end
 (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"

@@ -127,12 +127,25 @@ def draft_config(meta: dict, target: Path, args) -> DFlashConfig:
                                    block_size=args.block_size, **overrides)
 
 
-def run_config(args, target: Path, features: Path, draft_json: Path, train_dir: Path, cuda: bool) -> dict:
+def epochs_for_steps(steps: int, num_records: int, micro_batch: int, accumulation: int) -> int:
+    """Epochs whose micro-batches hold `steps` whole optimizer steps: SpecForge's loaders drop an epoch's last partial
+    micro-batch and refuse a plan whose optimizer steps cannot all complete (its validate_fixed_accumulation_plan)."""
+    per_epoch = num_records // micro_batch
+    if per_epoch < 1:
+        raise SystemExit(f"{num_records} records make no micro-batch of {micro_batch}")
+    return -(-steps * accumulation // per_epoch)
+
+
+def run_config(args, target: Path, features: Path, draft_json: Path, train_dir: Path, cuda: bool,
+               num_records: int) -> dict:
     if args.global_batch % args.micro_batch:
         raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {args.micro_batch}")
+    accumulation = args.global_batch // args.micro_batch
+    # With --steps, enough epochs for them (the learning-rate schedule follows max_steps, not the epochs).
+    epochs = epochs_for_steps(args.steps, num_records, args.micro_batch, accumulation) if args.steps else args.epochs
     training = {
-        "strategy": "dflash", "num_epochs": args.epochs, "batch_size": args.micro_batch,
-        "accumulation_steps": args.global_batch // args.micro_batch,
+        "strategy": "dflash", "num_epochs": epochs, "batch_size": args.micro_batch,
+        "accumulation_steps": accumulation,
         "learning_rate": args.lr, "warmup_ratio": args.warmup_ratio, "loss_decay_gamma": args.gamma,
         "num_anchors": args.num_anchors or args.max_length, "attention_backend": args.attention,
         "log_interval": 1, "save_interval": 0, "seed": args.seed,
@@ -248,7 +261,8 @@ def run(args) -> dict:
     draft_json = work / "draft_config.json"
     draft_json.write_text(cfg.to_json_string())
     t_convert = time.perf_counter() - t0
-    rc, rows = train(run_config(args, target, features, draft_json, train_dir, cuda), work / "run.json")
+    config = run_config(args, target, features, draft_json, train_dir, cuda, counts["converted"])
+    rc, rows = train(config, work / "run.json")
     t_train = time.perf_counter() - t0 - t_convert
     if rc:
         raise SystemExit(f"specforge train exited {rc}")
@@ -258,7 +272,7 @@ def run(args) -> dict:
     return {"peer": "specforge", "version": getattr(specforge, "__version__", "0.2.0"),
             "device": torch.cuda.get_device_name(0) if cuda else "cpu", "dump": str(dump), "target": str(target),
             "data": counts, "global_batch": args.global_batch, "micro_batch": args.micro_batch,
-            "epochs": args.epochs, "max_steps": args.steps, "steps_logged": len(rows),
+            "epochs": config["training"]["num_epochs"], "max_steps": args.steps, "steps_logged": len(rows),
             "lr": args.lr, "warmup_ratio": args.warmup_ratio, "loss_decay_gamma": args.gamma,
             "num_anchors": args.num_anchors or args.max_length, "max_length": args.max_length,
             "num_layers": args.num_layers, "block_size": args.block_size, "attention": args.attention,
