@@ -49,16 +49,10 @@ train() {  # train NAME OVERRIDES...: one run on the card, stopped at its deadli
     evaluate "$name"
 }
 
-evaluate() {  # evaluate NAME: runs/NAME/draft on the MT-Bench prompts in SLICES processes, merged
-    local name=$1 run=$W/runs/$1 i pids=()
-    for ((i = 0; i < SLICES; i++)); do  # MT-Bench line k to slice k mod SLICES: every slice has every category
-        awk -v n="$SLICES" -v i="$i" '(NR - 1) % n == i' "$MTBENCH" > "$run/mtbench-$i.jsonl"
-        timeout "$(limit 30)" python -m dflashkit.cli eval --draft "$run/draft" --target "$W/smollm2" \
-            --out "$run/eval/mtbench-$i" --mtbench "$run/mtbench-$i.jsonl" --max-new-tokens "$EVAL_TOKENS" \
-            --dtype bfloat16 --skip-lossless > "$run/eval-$i.log" 2>&1 &
-        pids+=($!)
-    done
-    wait "${pids[@]}"
+evaluate() {  # evaluate NAME: runs/NAME/draft on the MT-Bench prompts in SLICES processes on the card, merged
+    local name=$1 run=$W/runs/$1
+    RUN=$run DRAFT=$run/draft TARGET=$W/smollm2 MTBENCH=$MTBENCH CARDS="$(printf '0 %.0s' $(seq "$SLICES"))" \
+        TIMEOUT=$(limit 30) bash bench/eval_slices.sh --max-new-tokens "$EVAL_TOKENS" --dtype bfloat16 --skip-lossless
     python bench/merge_eval_reports.py "$run/eval/merged.json" "$run"/eval/mtbench-*/report.json \
         > "$run/eval/merged.txt" 2>&1
     stamp "eval-end $name $(grep -o '"tau": [0-9.]*' "$run/eval/merged.json" 2> /dev/null | head -1)"

@@ -76,17 +76,14 @@ if [[ " $STAGES " == *" eval "* ]]; then
     stamp eval-start
     python -m dflashkit.cli export --checkpoint "$RUN/train" --target "$W/smollm2" --out "$RUN/draft" --overwrite \
         > "$RUN/export.log" 2>&1
-    evaluate() {  # evaluate NAME GPU FLAGS...: one eval process in the background
-        on_gpu "$2" python -m dflashkit.cli eval --draft "$RUN/draft" --target "$W/smollm2" --out "$RUN/eval/$1" \
-            --max-new-tokens 256 --dtype "$EVAL_DTYPE" --skip-lossless "${@:3}" "${eval_args[@]}" > "$RUN/eval-$1.log" 2>&1 &
-        pids+=($!)
-    }
-    pids=(); n=${#gpus[@]}
-    for i in "${!gpus[@]}"; do  # MT-Bench line k goes to card k mod n: every slice has every category
-        awk -v n="$n" -v i="$i" '(NR - 1) % n == i' "$(dirname "$PROMPTS")/mtbench.jsonl" > "$RUN/mtbench-$i.jsonl"
-        evaluate "mtbench-$i" "${gpus[$i]}" --mtbench "$RUN/mtbench-$i.jsonl"
-    done
-    evaluate heldout "${gpus[0]}" --heldout "$PROMPTS" --heldout-skip "$N" --train-log "$RUN/train/metrics.jsonl"
+    flags=(--max-new-tokens 256 --dtype "$EVAL_DTYPE" --skip-lossless "${eval_args[@]}")
+    RUN=$RUN DRAFT=$RUN/draft TARGET=$W/smollm2 MTBENCH="$(dirname "$PROMPTS")/mtbench.jsonl" CARDS="$GPUS" \
+        bash bench/eval_slices.sh "${flags[@]}" &  # one slice per card
+    pids=($!)
+    on_gpu "${gpus[0]}" python -m dflashkit.cli eval --draft "$RUN/draft" --target "$W/smollm2" --out "$RUN/eval/heldout" \
+        --heldout "$PROMPTS" --heldout-skip "$N" --train-log "$RUN/train/metrics.jsonl" "${flags[@]}" \
+        > "$RUN/eval-heldout.log" 2>&1 &
+    pids+=($!)
     run_all "${pids[@]}"
     python bench/merge_eval_reports.py "$RUN/eval/merged.json" "$RUN"/eval/*/report.json | tee "$RUN/eval/merged.txt"
     stamp eval-end
