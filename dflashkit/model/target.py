@@ -1,4 +1,5 @@
-"""The target as the draft needs it: `embed_tokens`, `lm_head` and the final norm, frozen, and nothing else.
+"""The target as the draft needs it: `embed_tokens`, `lm_head` and the final norm, frozen; and, for a draft
+initialized from the target's own layers (`model.init_from_target_layers`), the tensors of those decoder layers.
 
 Loaded tensor by tensor from the target's safetensors (only the shards that hold them), never the full model: for a
 400B-class target the three tensors are a few GB, the model is hundreds. A target with tied embeddings
@@ -13,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EMBED_NAMES = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight", "embed_tokens.weight")
+from dflashkit.config import ConfigError
+
+# Where a target keeps its language model's tensors: a causal LM, a multimodal target's text model, a bare model.
+PREFIXES = ("model.", "model.language_model.", "")
+EMBED_NAMES = tuple(f"{p}embed_tokens.weight" for p in PREFIXES)
 LM_HEAD_NAMES = ("lm_head.weight",)
-NORM_NAMES = ("model.norm.weight", "model.language_model.norm.weight", "norm.weight")
+NORM_NAMES = tuple(f"{p}norm.weight" for p in PREFIXES)
+# Draft layer tensors a target layer may lack: Llama-style targets have no QK-norm (the draft's stay at ones).
+OPTIONAL_LAYER_TENSORS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
 def read_target_config(model_dir: str | Path) -> dict:
@@ -90,3 +97,34 @@ class TargetHead(nn.Module):
             embed, norm = embed.to(dtype), norm.to(dtype)
             lm_head = None if lm_head is None else lm_head.to(dtype)
         return cls(embed, lm_head, norm, float(config.get("rms_norm_eps", 1e-6)))
+
+
+@torch.no_grad()
+def copy_target_layers(layers: nn.ModuleList, model_dir: str | Path, layer_ids: list[int]) -> None:
+    """Draft layer i takes the weights of target decoder layer `layer_ids[i]`: each of its parameters (q/k/v/o_proj
+    and their biases, q_norm/k_norm, gate/up/down_proj, both layer norms) from the target tensor of the same name,
+    which must have the same shape. A target tensor the draft layer has no place for (a bias, a scale, another norm)
+    is refused: the draft would not start as that layer."""
+    model_dir = Path(model_dir)
+    files = _tensor_files(model_dir)
+    for i, (layer, t) in enumerate(zip(layers, layer_ids, strict=True)):
+        prefixes = [f"{p}layers.{t}." for p in PREFIXES]
+        prefix = next((p for p in prefixes if any(name.startswith(p) for name in files)), None)
+        if prefix is None:
+            raise FileNotFoundError(f"{model_dir}: no decoder layer {t} (looked for {', '.join(prefixes)}*)")
+        params = dict(layer.named_parameters())
+        unmatched = sorted(n for n in files if n.startswith(prefix) and n[len(prefix):] not in params
+                           and not n.endswith("inv_freq"))
+        if unmatched:
+            raise ConfigError(f"model.init_from_target_layers: target tensors {', '.join(unmatched)} have no "
+                              f"counterpart in draft layers.{i} (a Qwen3-style layer: attention projections, "
+                              f"QK-norm, SwiGLU MLP, two norms), which would not start as target layer {t}")
+        for name, param in params.items():
+            if prefix + name not in files and name in OPTIONAL_LAYER_TENSORS:
+                continue
+            tensor = _load(files, (prefix + name,), f"layer {t} {name}", model_dir)
+            if tensor.shape != param.shape:
+                raise ConfigError(f"model.init_from_target_layers: target {prefix + name} is {list(tensor.shape)}, "
+                                  f"draft layers.{i}.{name} is {list(param.shape)} (the draft's dims must be the "
+                                  f"target's: leave model.intermediate_size, heads and head_dim unset)")
+            param.copy_(tensor)

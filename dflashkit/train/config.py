@@ -24,12 +24,22 @@ class DraftSpec:
     markov_rank: int = 256
     confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    # Target decoder layer ids, one per draft layer: a fresh run starts draft layer i as target layer ids[i] (its
+    # attention, QK-norm when the target has one, MLP and both norms; fc, hidden_norm and heads stay random).
+    # Empty: random layers. Ignored on resume (the checkpoint holds the weights).
+    init_from_target_layers: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.mask_token_id < 0:
             raise ValueError("model.mask_token_id must be set (a token id below the vocabulary size)")
         if self.num_layers < 1 or self.block_size < 2:
             raise ValueError("model.num_layers must be >= 1 and model.block_size >= 2")
+        ids = self.init_from_target_layers
+        if ids and len(ids) != self.num_layers:
+            raise ValueError(f"model.init_from_target_layers {ids} has {len(ids)} ids, model.num_layers is "
+                             f"{self.num_layers}: one target layer per draft layer")
+        if any(i < 0 for i in ids):
+            raise ValueError(f"model.init_from_target_layers {ids}: layer ids must be >= 0")
 
 
 @dataclass
@@ -133,7 +143,9 @@ class LossSpec:
 
 @dataclass
 class TrainConfig:
-    target_model: str = ""  # HF folder of the target: only embed_tokens, lm_head and the final norm are read
+    # HF folder of the target: only embed_tokens, lm_head and the final norm are read (and the decoder layers of
+    # model.init_from_target_layers)
+    target_model: str = ""
     output_dir: str = ""
     model: DraftSpec = field(default_factory=DraftSpec)
     data: DataSpec = field(default_factory=DataSpec)

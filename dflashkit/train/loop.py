@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from dflashkit.config import load_config, to_dict
+from dflashkit.config import ConfigError, load_config, to_dict
 from dflashkit.model import KINDS, DFlashConfig, TargetHead
 from dflashkit.model.masks import block_inputs, training_mask
+from dflashkit.model.target import copy_target_layers
 from dflashkit.train import checkpoint, data, online
 from dflashkit.train.config import OptimSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
@@ -52,6 +53,20 @@ def draft_config(cfg: TrainConfig, meta: dict) -> DFlashConfig:
     return dcfg
 
 
+def init_from_target(draft, cfg: TrainConfig, dcfg: DFlashConfig, resuming: bool) -> None:
+    """`model.init_from_target_layers`: draft layer i from target decoder layer ids[i], read by every rank from the
+    target's safetensors (so all start equal, as with the seeded init). Checked on resume too; copied only fresh."""
+    ids = cfg.model.init_from_target_layers
+    bad = [i for i in ids if not 0 <= i < dcfg.num_target_layers]
+    if bad:
+        raise ConfigError(f"model.init_from_target_layers {ids}: {bad} outside the target's "
+                          f"{dcfg.num_target_layers} decoder layers (0..{dcfg.num_target_layers - 1})")
+    if ids and not resuming:
+        copy_target_layers(draft.layers, cfg.target_model, ids)
+        log.info("draft layers initialized from target layers: %s",
+                 ", ".join(f"layers.{i} <- target layer {t}" for i, t in enumerate(ids)))
+
+
 def lr_at(step: int, total: int, o: OptimSpec) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then decay to lr * min_lr_ratio."""
     if step < o.warmup_steps:
@@ -66,7 +81,8 @@ def uses_bf16(cfg: TrainConfig, d: Dist) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, d: Dist, final_state: str, dcfg: DFlashConfig, head: TargetHead):
+    def __init__(self, cfg: TrainConfig, d: Dist, final_state: str, dcfg: DFlashConfig, head: TargetHead,
+                 resuming: bool = False):
         self.cfg, self.d, self.dcfg = cfg, d, dcfg
         cuda = d.device.type == "cuda"
         self.bf16 = uses_bf16(cfg, d)
@@ -88,6 +104,7 @@ class Trainer:
             draft = KINDS[cfg.model.kind].model(dcfg)
         with torch.no_grad():  # the draft's output feeds the target's lm_head: start its final norm as the target's
             draft.norm.weight.copy_(self.head.norm_weight.float())
+        init_from_target(draft, cfg, dcfg, resuming)  # before wrapping: every rank the same layers
         draft.to(d.device)
         for layer in draft.layers:
             layer.activation_checkpointing = cfg.activation_checkpointing
@@ -274,7 +291,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
         out.mkdir(parents=True, exist_ok=True)
     # The frozen target head in bf16 on GPU (the vocabulary matrices are the biggest tensors we hold).
     head = source.head()
-    trainer = Trainer(cfg, d, meta["final_state"], dcfg, head)
+    trainer = Trainer(cfg, d, meta["final_state"], dcfg, head, resuming=resume and latest is not None)
     o = cfg.optim
     plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed)
     position = {"num_records": plan.num_records, "global_batch": plan.global_batch, "seed": cfg.seed}
