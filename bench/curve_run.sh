@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU run within a deadline: the tau-vs-data curve (issue 17), DSpark beside DFlash at the largest size
 # (issue 18) and a draft from bf16 dumps beside one from fp8 dumps of the same records (issue 16), all on one card at
-# once; then, alone on the card, the minimax-m3 step row (issue 19) and the qwen3-8b online cost (issue 16).
+# once, beside recipe variants at the smallest size (issue 17's recipe search); then, alone on the card, the step
+# rows (BENCH: the qwen3-8b online cost and the SmolLM2 online-vs-offline speed of issue 16, the minimax-m3 step row
+# of issue 19) and, in the time left, the data engine on the ShareGPT conversations not answered yet.
 #
 #   W=/tmp/c GGUF=smollm2.gguf TOK=DIR MULTITURN=sharegpt-multiturn.jsonl MTBENCH=mtbench.jsonl OUT=DIR \
 #       DEADLINE=$(( $(date +%s) + 1320 )) bash bench/curve_run.sh
@@ -16,8 +18,15 @@
 # A training still running EVAL_RESERVE seconds before the deadline is stopped and its last checkpoint evaluated.
 # PEERS_SITE (a folder with specforge 0.2.0 installed, --no-deps) adds the peer row: SpecForge's trainer on the bf16
 # dump for our run's steps (bench/peers/specforge_train.py), evaluated as ours. TRAIN_EXTRA adds dotted overrides to
-# every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check, BENCH=0 skips the step rows.
-# What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings) and the largest
+# every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check.
+# VARIANTS: ";"-separated "NAME [dotted overrides...]" runs at the smallest size beside its base run (dflash-SIZE),
+# scored on the held-out set only (heldout.jsonl; no export or MT-Bench eval).
+# BENCH: the step rows to run alone after the curve, in order, each while time is left: qwen3 (bench/online_vs_offline.py
+# --parts qwen3), ovo (its smollm2 part on OVO_PROMPTS), m3 (bench/train_step.py minimax-m3 at micro-batch 4, without and
+# with checkpointing); empty skips them. GEN=1 then runs the data engine on the MULTITURN conversations the kept
+# answers lack, until the deadline, and packs every ShareGPT answer into $OUT/answers-sharegpt.jsonl.xz
+# (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
+# What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings, errors) and the largest
 # DFlash draft as draft.tar.xz.part-NN (15 MiB pieces: cat them, then tar -xJf).
 set -uo pipefail
 : "${W:?}" "${GGUF:?}" "${TOK:?}" "${MULTITURN:?}" "${MTBENCH:?}" "${OUT:?}" "${DEADLINE:?}"
@@ -32,18 +41,23 @@ mkdir -p "$W/logs" "$W/runs" "$OUT"
 
 bundle() {  # everything small that a run wrote, as one file in $OUT (runs in parallel bundle: each renames its own)
     local tmp="$OUT/.results-$BASHPID.tmp"
-    (cd "$W" && find logs runs -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \) \
-        -not -path '*/checkpoints/*' -not -name 'mtbench-*.jsonl' -not -name 'generations.jsonl' -size -20M \
+    (cd "$W" && find logs runs -type f \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' -o -name '*.txt' \
+        -o -name '*.err' \) -not -path '*/checkpoints/*' -not -name 'mtbench-*.jsonl' -not -name 'generations.jsonl' -size -20M \
         | tar -cJf "$tmp" -T -) && mv "$tmp" "$OUT/results.tar.xz"
 }
 
-train() {  # train NAME OVERRIDES...: one run on the card, stopped at its deadline; then export and eval
+fit() {  # fit NAME OVERRIDES...: one training run on the card, stopped at its deadline
     local name=$1 run=$W/runs/$1; shift
     mkdir -p "$run"
     stamp "train-start $name"
     timeout "$(limit "$EVAL_RESERVE")" python train_dflash.py --config configs/train/smollm2-quality.yaml \
         target_model="$W/smollm2" output_dir="$run/train" data.num_workers=3 "$@" "${extra[@]}" > "$run/train.log" 2>&1
     stamp "train-end $name rc=$?"
+}
+
+train() {  # train NAME OVERRIDES...: fit, then export and eval
+    local name=$1 run=$W/runs/$1
+    fit "$@"
     python -m dflashkit.cli export --checkpoint "$run/train" --target "$W/smollm2" --out "$run/draft" --overwrite \
         > "$run/export.log" 2>&1 || { stamp "export-failed $name"; return 1; }
     evaluate "$name"
@@ -105,6 +119,13 @@ for f in "$W"/curve/train-*.jsonl; do
 done
 train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
     model.block_size=15 & pids+=($!)
+smallest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | head -1)
+IFS=';' read -r -a variants <<<"${VARIANTS:-}"
+for v in "${variants[@]}"; do
+    read -r -a spec <<<"$v"
+    (fit "${spec[0]}-$smallest" "${online[@]}" "data.online.inputs=[$W/curve/train-$smallest.jsonl]" "${spec[@]:1}"; bundle) &
+    pids+=($!)
+done
 (dumped bfloat16; dumped float8_e4m3fn) & pids+=($!)
 if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 dump has trained
     (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done; peer) &
@@ -115,19 +136,41 @@ stamp curve-end
 (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
 bundle
 
-if [[ ${BENCH:-1} != 0 ]]; then  # alone on the card: timings
-    for flags in "" "--activation-checkpointing"; do
-        (( $(left 0) > 60 )) || break
-        stamp "m3-step $flags"
-        timeout "$(( $(left 0) < 150 ? $(left 0) : 150 ))" python bench/train_step.py --preset minimax-m3 \
-            --micro-batch 4 $flags >> "$W/logs/m3-step.jsonl" 2>> "$W/logs/m3-step.err"
-        bundle
-    done
-    if (( $(left 0) > 90 )); then
+for part in ${BENCH-qwen3 ovo}; do  # alone on the card: timings, each while its time is left
+    case $part in
+    qwen3)
+        (( $(left 0) > 200 )) || continue
         stamp qwen3-online
         timeout "$(limit 0)" python bench/online_vs_offline.py --parts qwen3 --work "$W/qwen3" \
-            > "$W/logs/qwen3-online.jsonl" 2> "$W/logs/qwen3-online.err"
-    fi
+            > "$W/logs/qwen3-online.jsonl" 2> "$W/logs/qwen3-online.err" ;;
+    ovo)
+        (( $(left 0) > 180 )) || continue
+        [[ -n ${OVO_PROMPTS:-} ]] || { stamp "ovo skipped: no OVO_PROMPTS"; continue; }
+        stamp ovo-smollm2
+        timeout "$(limit 0)" python bench/online_vs_offline.py --parts smollm2 --model "$W/smollm2" \
+            --prompts "$OVO_PROMPTS" --work "$W/ovo" > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
+        rm -rf "$W/ovo/dump" ;;
+    m3)
+        for flags in "" "--activation-checkpointing"; do
+            (( $(left 0) > 60 )) || break
+            stamp "m3-step $flags"
+            timeout "$(( $(left 0) < 150 ? $(left 0) : 150 ))" python bench/train_step.py --preset minimax-m3 \
+                --micro-batch 4 $flags >> "$W/logs/m3-step.jsonl" 2>> "$W/logs/m3-step.err"
+        done ;;
+    *) stamp "unknown BENCH part $part" ;;
+    esac
+    stamp "$part-end"
+    bundle
+done
+if [[ ${GEN:-0} == 1 ]] && (( $(left 0) > 90 )); then  # the conversations the kept answers lack (a rerun skips the rest)
+    stamp gen-sharegpt
+    rm -rf "$W/gen-more" && cp -r "$W/gen-sharegpt" "$W/gen-more" && rm "$W/gen-more/shard-00000-of-00001.done.json"
+    timeout "$(limit 30)" python -m dflashkit.generate.engine --model "$W/smollm2" --model-name smollm2-q4_1 \
+        --dtype bfloat16 --chat-template configs/templates/smollm2-thinking.jinja --thinking-modes adaptive \
+        --max-tokens 256 --slots "${GEN_SLOTS:-512}" --input "$MULTITURN" --max-conversations "${GEN_CONVERSATIONS:-15024}" \
+        --output-dir "$W/gen-more" > "$W/logs/gen-sharegpt.log" 2>&1
+    python -m dflashkit.generate.answers pack "$W/gen-more/shard-00000-of-00001.jsonl" "$OUT/answers-sharegpt.jsonl.xz"
+    stamp "gen-sharegpt-end $(wc -l < "$W/gen-more/shard-00000-of-00001.jsonl") conversations"  # pack cut a torn tail
 fi
 stamp done
 bundle
