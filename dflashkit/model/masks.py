@@ -61,21 +61,39 @@ def dense_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torc
     return (sees_context | sees_block).unsqueeze(1)
 
 
+# create_block_mask evaluates the rule densely, [rows, Q, KV] and an int64 copy of it: 20 GiB for a held-out batch of
+# 32 rows x 512 anchors. Rows are taken in chunks of at most this many mask elements (about 1.2 GB at the peak).
+MASK_CHUNK_ELEMENTS = 1 << 27
+
+
 def flex_block_mask(anchors: torch.Tensor, context_len: int, block_size: int):
-    """The same rule as a flex_attention BlockMask (GPU)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The same rule as a flex_attention BlockMask (GPU), built a chunk of rows at a time."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
     b, n = anchors.shape
+    q_len, kv_len = n * block_size, context_len + n * block_size
 
-    def allowed(batch, head, q_idx, kv_idx):
-        q_block = q_idx // block_size
-        in_context = kv_idx < context_len
-        sees_context = in_context & (kv_idx < anchors[batch, q_block])
-        sees_block = ~in_context & ((kv_idx - context_len) // block_size == q_block)
-        return sees_context | sees_block
+    def rule(rows_anchors: torch.Tensor):
+        def allowed(batch, head, q_idx, kv_idx):
+            q_block = q_idx // block_size
+            in_context = kv_idx < context_len
+            sees_context = in_context & (kv_idx < rows_anchors[batch, q_block])
+            sees_block = ~in_context & ((kv_idx - context_len) // block_size == q_block)
+            return sees_context | sees_block
+        return allowed
 
-    return create_block_mask(allowed, B=b, H=None, Q_LEN=n * block_size, KV_LEN=context_len + n * block_size,
-                             device=anchors.device)
+    rows = max(1, MASK_CHUNK_ELEMENTS // (q_len * kv_len))
+    if rows >= b:
+        return create_block_mask(rule(anchors), B=b, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=anchors.device)
+    parts = [create_block_mask(rule(anchors[i:i + rows]), B=min(rows, b - i), H=None, Q_LEN=q_len, KV_LEN=kv_len,
+                               device=anchors.device) for i in range(0, b, rows)]
+
+    def cat(name: str):
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(m, name) for m in parts])
+
+    return BlockMask.from_kv_blocks(cat("kv_num_blocks"), cat("kv_indices"), cat("full_kv_num_blocks"),
+                                    cat("full_kv_indices"), BLOCK_SIZE=parts[0].BLOCK_SIZE, mask_mod=rule(anchors),
+                                    seq_lengths=(q_len, kv_len))
 
 
 @functools.cache
