@@ -25,6 +25,7 @@ import gc
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -83,12 +84,18 @@ def steady_tokens_per_s(run_dir: Path, warmup: int) -> dict:
             "peak_mem_gb": round(max(r["peak_mem_gb"] for r in rows), 2)}
 
 
+def log(message: str) -> None:
+    """Progress on stderr: a run stopped at its limit still says where it was."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def smollm2(args) -> dict:
     work = args.work
     gen, dump = work / "gen", work / "dump"
     shutil.rmtree(work, ignore_errors=True)
     n = write_records(args.prompts, args.records, gen)
     t0 = time.perf_counter()
+    log(f"smollm2: dumping {n} records")
     assert dump_main(["--backend", "hf", "--model", str(args.model), "--input", str(gen), "--output-dir", str(dump),
                       "--chat-template", "smollm2-thinking-train", "--num-draft-layers", "5", "--dtype", "bfloat16",
                       "--max-seq-len", str(args.max_seq_len), "--length-policy", "truncate", "--no-progress"]) == 0
@@ -99,7 +106,11 @@ def smollm2(args) -> dict:
               "data.online.length_policy=truncate"]
     out = {"bench": "online_vs_offline", "part": "smollm2", "records": n, "steps": args.steps, "warmup": args.warmup,
            "dump_s": round(dump_s, 1), "dump_bytes": sum(p.stat().st_size for p in dump.glob("*.pt"))}
-    for mode, extra in (("offline", [f"data.dump_dirs=[{dump}]"]), ("online", online)):
+    # online: the recipe's data.online.forward_cost_tokens; online-C: the same with C (--forward-costs)
+    modes = [("offline", [f"data.dump_dirs=[{dump}]"]), ("online", online)]
+    modes += [(f"online-{c}", [*online, f"data.online.forward_cost_tokens={c}"]) for c in args.forward_costs]
+    for mode, extra in modes:
+        log(f"smollm2: {mode}")
         cfg = load_config(TrainConfig, str(RECIPE), [*common, f"output_dir={work / mode}", *extra])
         t0 = time.perf_counter()
         train(cfg, resume=False)
@@ -151,27 +162,32 @@ def qwen3(args) -> dict:
     from dflashkit.train.distributed import Dist
 
     d = Dist()
+    log(f"{args.preset}: building the draft step (compiled)")
     step_args = train_step.parse_args(["--preset", args.preset, "--micro-batch", "1"]
                                       + (["--seq", str(args.seq)] if args.seq else []))
     dcfg, cfg, trainer, batch, seq, anchors = train_step.build(step_args, d)
     out = {"bench": "online_vs_offline", "part": args.preset, "seq": seq, "anchors": anchors, "micro_batch": 1,
            "steps": args.steps, "warmup": args.warmup,
            "device": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"}
+    log(f"{args.preset}: offline steps")
     step_s, _, mem = timed_steps(trainer, batch, None, args.steps, args.warmup, d.device)
     out["offline"] = {"step_s": round(step_s, 4), "peak_mem_gib": mem}
     del trainer
     gc.collect()
     torch.cuda.empty_cache() if d.device.type == "cuda" else None
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    log(f"{args.preset}: random target")
     model = random_target(train_step.PRESETS[args.preset], d.device, dtype)
     meta = {"target_layer_ids": dcfg.target_layer_ids}
-    target = TargetFeatures(model, meta, d.device, dtype, with_final=False)
+    target = TargetFeatures(model, meta, d.device, dtype, with_final=False,
+                            forward_cost=cfg.data.online.forward_cost_tokens)  # one row: one forward anyway
     out["target_params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
     # The online trainer's head is the target's own embed_tokens / lm_head / norm, as in a real online run.
     from dflashkit.train.loop import Trainer
 
     trainer = Trainer(cfg, d, "pre_norm", dcfg, target.head())
     online_batch = {k: v for k, v in batch.items() if k != "aux_hidden_states"}
+    log(f"{args.preset}: online steps")
     step_s, fwd_s, mem = timed_steps(trainer, online_batch, target, args.steps, args.warmup, d.device)
     out["online"] = {"step_s": round(step_s, 4), "target_forward_s": round(fwd_s, 4), "peak_mem_gib": mem}
     out["online_vs_offline_step_time"] = round(out["online"]["step_s"] / out["offline"]["step_s"], 3)
@@ -191,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None, help="part b sequence length (default: the preset's)")
     p.add_argument("--parts", default="smollm2,qwen3", help="which parts to run")
     p.add_argument("--train-overrides", nargs="*", default=[], help="extra dotted overrides for part a")
+    p.add_argument("--forward-costs", type=int, nargs="*", default=[],
+                   help="part a: also train online with each of these data.online.forward_cost_tokens")
     p.add_argument("--record", action="store_true",
                    help="write part a's tokens/s into bench/throughputs.json (the planner's measured figures)")
     args = p.parse_args(argv)

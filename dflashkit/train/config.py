@@ -54,13 +54,18 @@ class OnlineSpec:
     target_layer_ids: list[int] = field(default_factory=list)  # empty: the dump's default spread
     num_target_layers: int = 5  # the spread's size when target_layer_ids is empty (the dump's --num-draft-layers)
     prefetch: int = 2  # micro-batches whose target forward is queued ahead on a side CUDA stream
+    # What one more target forward costs, in padded tokens: a micro-batch's rows run in length groups that minimize
+    # padded tokens + this per forward (train/online.py, length_groups). Small targets: large (a forward's fixed
+    # cost is many tokens' compute); a large target's is a few hundred tokens. docs/TRAINING.md has the measurement.
+    forward_cost_tokens: int = 16384
     # Generate shards whose records are the held-out set (instead of data.heldout_records drawn from the inputs):
     # the same text for runs on different inputs, e.g. training sets of different sizes.
     heldout_inputs: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.num_target_layers < 1 or self.prefetch < 0:
-            raise ValueError("data.online.num_target_layers must be >= 1 and data.online.prefetch >= 0")
+        if self.num_target_layers < 1 or self.prefetch < 0 or self.forward_cost_tokens < 0:
+            raise ValueError("data.online.num_target_layers must be >= 1, data.online.prefetch and "
+                             "data.online.forward_cost_tokens >= 0")
 
 
 @dataclass

@@ -132,13 +132,7 @@ def online_meta(target_model: str, online) -> dict:
             "num_hidden_layers": n_layers, "final_state": FINAL_STATE}
 
 
-# What one more target forward costs, in padded tokens: its ~15 kernels a layer launched again (about 3 ms on an
-# H200, the time SmolLM2's forward takes over ~2K tokens). Grouping a micro-batch's rows by length trades these
-# launches against the padding a single forward over the longest row would compute (up to 4x with ShareGPT answers).
-FORWARD_COST_TOKENS = 2048
-
-
-def length_groups(lengths: list[int], forward_cost: int = FORWARD_COST_TOKENS) -> list[list[int]]:
+def length_groups(lengths: list[int], forward_cost: int) -> list[list[int]]:
     """Row indices in groups of similar length, each group one target forward: the split of the rows sorted longest
     first that minimizes padded tokens + `forward_cost` per forward (exact, by dynamic programming over the cuts)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -161,12 +155,13 @@ class TargetFeatures:
     """The frozen target on this rank's device: adds `aux_hidden_states` (and, for KD, `hidden_states`) to a
     collated micro-batch, on the device, packed like a dump's states."""
 
-    def __init__(self, model, meta: dict, device: torch.device, dtype: torch.dtype, with_final: bool):
+    def __init__(self, model, meta: dict, device: torch.device, dtype: torch.dtype, with_final: bool,
+                 forward_cost: int):
+        """`forward_cost`: data.online.forward_cost_tokens (length_groups)."""
         from dflashkit.dump.hf_backend import HFBackend
 
         self.backend = HFBackend(model, dtype, meta["target_layer_ids"], device=str(device))
-        self.device, self.with_final = device, with_final
-        self.forward_cost = FORWARD_COST_TOKENS
+        self.device, self.with_final, self.forward_cost = device, with_final, forward_cost
 
     def __call__(self, batch: dict) -> dict:
         """The batch with the states packed as the loader packs a dump's (`data.PACKED`: [sum of lengths, width],
@@ -265,7 +260,7 @@ class OnlineSource:
                              o.end_of_turn or None)
         self.meta["mask_source"] = source.kind
         self.target = TargetFeatures(model if model is not None else cfg.target_model, self.meta, device, dtype,
-                                     with_final=cfg.loss.kd_weight > 0)
+                                     with_final=cfg.loss.kd_weight > 0, forward_cost=o.forward_cost_tokens)
 
     def describe(self) -> str:
         o = self.cfg.data.online
