@@ -14,7 +14,7 @@
 # checkpoint on the held-out set (the trainer's served tau, heldout.jsonl), then exported and evaluated by our loop
 # on the MT-Bench turn-1 prompts (MTBENCH, 256 tokens, bf16 target: the answers' dtype) in SLICES processes.
 # FP8_RECORDS records are dumped in bf16 and in fp8 and trained offline for FP8_EPOCHS epochs each (FP8_HELDOUT of
-# them held out, 128).
+# them held out, 128); PAIR lists the dtypes of that pair (default "bfloat16 float8_e4m3fn"; the peer needs bfloat16).
 # A training still running EVAL_RESERVE seconds before the deadline is stopped and its last checkpoint evaluated.
 # PEERS_SITE (a folder with specforge 0.2.0 installed, --no-deps) adds the peer row: SpecForge's trainer on the bf16
 # dump for our run's steps (bench/peers/specforge_train.py), evaluated as ours. TRAIN_EXTRA adds dotted overrides to
@@ -126,7 +126,7 @@ for v in "${variants[@]}"; do
     (fit "${spec[0]}-$smallest" "${online[@]}" "data.online.inputs=[$W/curve/train-$smallest.jsonl]" "${spec[@]:1}"; bundle) &
     pids+=($!)
 done
-(dumped bfloat16; dumped float8_e4m3fn) & pids+=($!)
+(for dtype in ${PAIR-bfloat16 float8_e4m3fn}; do dumped "$dtype"; done) & pids+=($!)
 if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 dump has trained
     (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done; peer) &
     pids+=($!)
