@@ -85,7 +85,9 @@ def test_online_features_equal_the_hf_dump(generated, hf_dump, tmp_path):
     the target's states at the target layers and the pre-norm final state equal the HF dump's: bitwise one record
     at a time (the dump's own shapes), to fp32 summation order in a right-padded micro-batch of 4, whether its rows run
     in one forward or in length groups."""
-    source = online.OnlineSource(recipe(tmp_path, gen=generated), torch.device("cpu"), torch.float32)
+    source = online.OnlineSource(recipe(tmp_path, gen=generated, data__online__forward_cost_tokens=10**9),
+                                 torch.device("cpu"), torch.float32)
+    assert source.target.forward_cost == 10**9  # the recipe's data.online.forward_cost_tokens reaches the grouping
     paths = list_dump_records(hf_dump)
     assert [r.id for r in source.records] == [p.stem for p in paths]
     meta = read_meta(hf_dump)
