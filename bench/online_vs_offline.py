@@ -106,9 +106,12 @@ def smollm2(args) -> dict:
               "data.online.length_policy=truncate"]
     out = {"bench": "online_vs_offline", "part": "smollm2", "records": n, "steps": args.steps, "warmup": args.warmup,
            "dump_s": round(dump_s, 1), "dump_bytes": sum(p.stat().st_size for p in dump.glob("*.pt"))}
-    # online: the recipe's data.online.forward_cost_tokens; online-C: the same with C (--forward-costs)
+    # online: the recipe's data.online.forward_cost_tokens; online-C: the same with C (--forward-costs);
+    # online-compiled: the target's forward compiled (--compile-target; its first steps, compiling, are in the warm-up)
     modes = [("offline", [f"data.dump_dirs=[{dump}]"]), ("online", online)]
     modes += [(f"online-{c}", [*online, f"data.online.forward_cost_tokens={c}"]) for c in args.forward_costs]
+    if args.compile_target:
+        modes.append(("online-compiled", [*online, "data.online.compile_target=true"]))
     for mode, extra in modes:
         log(f"smollm2: {mode}")
         cfg = load_config(TrainConfig, str(RECIPE), [*common, f"output_dir={work / mode}", *extra])
@@ -209,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-overrides", nargs="*", default=[], help="extra dotted overrides for part a")
     p.add_argument("--forward-costs", type=int, nargs="*", default=[],
                    help="part a: also train online with each of these data.online.forward_cost_tokens")
+    p.add_argument("--compile-target", action="store_true",
+                   help="part a: also train online with the target's forward compiled (data.online.compile_target)")
     p.add_argument("--record", action="store_true",
                    help="write part a's tokens/s into bench/throughputs.json (the planner's measured figures)")
     args = p.parse_args(argv)

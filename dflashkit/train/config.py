@@ -58,6 +58,9 @@ class OnlineSpec:
     # padded tokens + this per forward (train/online.py, length_groups). Small targets: large (a forward's fixed
     # cost is many tokens' compute); a large target's is a few hundred tokens. docs/TRAINING.md has the measurement.
     forward_cost_tokens: int = 16384
+    # torch.compile the target's forward (dynamic shapes, compiled once): fuses its per-layer elementwise kernels,
+    # which dominate a small target's forward. Off until timed on a GPU (bench/online_vs_offline.py --compile-target).
+    compile_target: bool = False
     # Generate shards whose records are the held-out set (instead of data.heldout_records drawn from the inputs):
     # the same text for runs on different inputs, e.g. training sets of different sizes.
     heldout_inputs: list[str] = field(default_factory=list)

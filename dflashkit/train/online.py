@@ -156,12 +156,14 @@ class TargetFeatures:
     collated micro-batch, on the device, packed like a dump's states."""
 
     def __init__(self, model, meta: dict, device: torch.device, dtype: torch.dtype, with_final: bool,
-                 forward_cost: int):
-        """`forward_cost`: data.online.forward_cost_tokens (length_groups)."""
+                 forward_cost: int, compile: bool = False):
+        """`forward_cost`: data.online.forward_cost_tokens (length_groups); `compile`: data.online.compile_target."""
         from dflashkit.dump.hf_backend import HFBackend
 
         self.backend = HFBackend(model, dtype, meta["target_layer_ids"], device=str(device))
         self.device, self.with_final, self.forward_cost = device, with_final, forward_cost
+        if compile:  # the instance's forward: the backend's final-state hook is traced with it
+            self.backend.model.forward = torch.compile(self.backend.model.forward, dynamic=True)
 
     def __call__(self, batch: dict) -> dict:
         """The batch with the states packed as the loader packs a dump's (`data.PACKED`: [sum of lengths, width],
@@ -260,7 +262,8 @@ class OnlineSource:
                              o.end_of_turn or None)
         self.meta["mask_source"] = source.kind
         self.target = TargetFeatures(model if model is not None else cfg.target_model, self.meta, device, dtype,
-                                     with_final=cfg.loss.kd_weight > 0, forward_cost=o.forward_cost_tokens)
+                                     with_final=cfg.loss.kd_weight > 0, forward_cost=o.forward_cost_tokens,
+                                     compile=o.compile_target)
 
     def describe(self) -> str:
         o = self.cfg.data.online
