@@ -24,9 +24,9 @@
 # BENCH: the step rows to run alone after the curve, in order, each while time is left: ovo (bench/online_vs_offline.py
 # --parts smollm2 on OVO_PROMPTS: the recipe's online forward cost beside 2,048, one forward and the compiled
 # target), qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at micro-batch 4, without and with
-# checkpointing); empty skips them. GEN=1 then runs the data engine on the MULTITURN conversations the kept answers
-# lack, until the deadline, and packs every ShareGPT answer into $OUT/answers-sharegpt.jsonl.xz
-# (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
+# checkpointing); empty skips them. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
+# conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
+# $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
 # What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings, errors) and the largest
 # DFlash draft as draft.tar.xz.part-NN (15 MiB pieces: cat them, then tar -xJf).
 set -uo pipefail
@@ -165,13 +165,12 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
 done
 if [[ ${GEN:-0} == 1 ]] && (( $(left 0) > 90 )); then  # the conversations the kept answers lack (a rerun skips the rest)
     stamp gen-sharegpt
-    rm -rf "$W/gen-more" && cp -r "$W/gen-sharegpt" "$W/gen-more" && rm "$W/gen-more/shard-00000-of-00001.done.json"
-    timeout "$(limit 30)" python -m dflashkit.generate.engine --model "$W/smollm2" --model-name smollm2-q4_1 \
-        --dtype bfloat16 --chat-template configs/templates/smollm2-thinking.jinja --thinking-modes adaptive \
-        --max-tokens 256 --slots "${GEN_SLOTS:-512}" --input "$MULTITURN" --max-conversations "${GEN_CONVERSATIONS:-15024}" \
-        --output-dir "$W/gen-more" > "$W/logs/gen-sharegpt.log" 2>&1
-    python -m dflashkit.generate.answers pack "$W/gen-more/shard-00000-of-00001.jsonl" "$OUT/answers-sharegpt.jsonl.xz"
-    stamp "gen-sharegpt-end $(wc -l < "$W/gen-more/shard-00000-of-00001.jsonl") conversations"  # pack cut a torn tail
+    mkdir -p "$W/engine" && rm -rf "$W/engine/gen-sharegpt" && cp -r "$W/gen-sharegpt" "$W/engine/" \
+        && rm "$W/engine/gen-sharegpt/shard-00000-of-00001.done.json"
+    MODEL=$W/smollm2 W=$W/engine PROMPTS=$MULTITURN N=${GEN_CONVERSATIONS:-15024} SLOTS=${GEN_SLOTS:-512} CHECK=0 SYNTH=0 \
+        AFTER_SHAREGPT=30 bash bench/engine_run.sh > "$W/logs/gen-sharegpt.log" 2>&1  # answers-sharegpt.jsonl.xz
+    cp "$W/engine/logs/timings.txt" "$W/logs/gen-timings.txt"
+    stamp "gen-sharegpt-end $(wc -l < "$W/engine/gen-sharegpt/shard-00000-of-00001.jsonl") conversations"
 fi
 stamp done
 bundle

@@ -8,14 +8,17 @@
 #       bash bench/engine_run.sh
 #
 # N: the training records of PROMPTS (the held-out ones after them are not answered). SYNTH: prompts to synthesize
-# (default 200000; the stage ends at its deadline with what it has). CHECK=0 skips the check. SLOTS, MAX_TOKENS, DTYPE.
+# (default 200000; the stage ends at its deadline with what it has; 0 skips synthesis). CHECK=0 skips the check.
+# SLOTS, MAX_TOKENS, DTYPE. MODEL: an already converted target (then GGUF and TOK are not needed, nor converted).
+# A folder W/gen-sharegpt holding answers already (unpacked, without its done-marker) is answered only for the rest.
 set -uo pipefail
-: "${W:?}" "${GGUF:?}" "${TOK:?}" "${PROMPTS:?}" "${N:?}" "${OUT:?}" "${DEADLINE:?}"
+: "${W:?}" "${PROMPTS:?}" "${N:?}" "${OUT:?}" "${DEADLINE:?}"
+model=${MODEL:-$W/smollm2}
 SYNTH=${SYNTH:-200000}; SLOTS=${SLOTS:-512}; MAX_TOKENS=${MAX_TOKENS:-256}; DTYPE=${DTYPE:-bfloat16}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 left() { echo $(( DEADLINE - $(date +%s) - $1 )); }  # seconds to the deadline, less $1 kept for what follows
 stamp() { echo "$(date +%s) $*" | tee -a "$W/logs/timings.txt"; }
-engine=(python -m dflashkit.generate.engine --model "$W/smollm2" --model-name smollm2-q4_1 --dtype "$DTYPE"
+engine=(python -m dflashkit.generate.engine --model "$model" --model-name smollm2-q4_1 --dtype "$DTYPE"
         --chat-template configs/templates/smollm2-thinking.jinja --thinking-modes adaptive
         --max-tokens "$MAX_TOKENS" --slots "$SLOTS")
 pack() {  # pack NAME DIR: the shard's compact answers (in pieces under 15 MiB), its done-marker to the logs
@@ -28,27 +31,31 @@ pack() {  # pack NAME DIR: the shard's compact answers (in pieces under 15 MiB),
 bundle() { tar -cJf "$OUT/logs.tar.xz" -C "$W" logs; }  # logs, timings and markers as one file
 mkdir -p "$W/logs" "$OUT"
 
-stamp convert
-python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" --prompts "$PROMPTS" --model-out "$W/smollm2" \
-    || exit 1
+if [[ -z ${MODEL:-} ]]; then
+    stamp convert
+    python bench/train_smollm2_data.py --gguf "${GGUF:?}" --tokenizer-dir "${TOK:?}" --prompts "$PROMPTS" \
+        --model-out "$model" || exit 1
+fi
 if [[ ${CHECK:-1} != 0 ]]; then
-    stamp check; timeout "$(left 300)" python bench/engine_check.py --model "$W/smollm2" --prompts "$PROMPTS" \
+    stamp check; timeout "$(left 300)" python bench/engine_check.py --model "$model" --prompts "$PROMPTS" \
         --out "$W/logs/check.json" 2>&1 | tee "$W/logs/check.log"; bundle
 fi
 stamp sharegpt; timeout "$(left "${AFTER_SHAREGPT:-200}")" "${engine[@]}" --input "$PROMPTS" --max-conversations "$N" \
     --output-dir "$W/gen-sharegpt" > "$W/logs/gen-sharegpt.log" 2>&1
 stamp sharegpt-end "$(wc -l < "$W/gen-sharegpt/shard-00000-of-00001.jsonl") conversations"
 pack sharegpt "$W/gen-sharegpt"
-rest=$(left 60)
-stamp synth; timeout $(( rest * 3 / 10 )) "${engine[@]}" --synthesize "$SYNTH" --synth-exclude "$PROMPTS" --seed 1 \
-    --output-dir "$W/synth" > "$W/logs/synth.log" 2>&1
-python -c 'import sys; from dflashkit.io import repair_jsonl_tail; repair_jsonl_tail(sys.argv[1])' \
-    "$W/synth/prompts/shard-00000-of-00001.jsonl"
-stamp synth-end "$(wc -l < "$W/synth/prompts/shard-00000-of-00001.jsonl") prompts"
-xz -T0 -k -c "$W/synth/prompts/shard-00000-of-00001.jsonl" > "$OUT/synth-prompts.jsonl.xz"
-cp "$W/synth/shard-00000-of-00001.done.json" "$W/logs/done-synth-prompts.json" 2> /dev/null; bundle
-stamp gen-synth; timeout "$(left 30)" "${engine[@]}" --input "$W/synth/prompts" --output-dir "$W/gen-synth" \
-    > "$W/logs/gen-synth.log" 2>&1
-stamp gen-synth-end "$(wc -l < "$W/gen-synth/shard-00000-of-00001.jsonl") conversations"
-pack synth "$W/gen-synth"
+if (( SYNTH > 0 )); then
+    rest=$(left 60)
+    stamp synth; timeout $(( rest * 3 / 10 )) "${engine[@]}" --synthesize "$SYNTH" --synth-exclude "$PROMPTS" \
+        --seed 1 --output-dir "$W/synth" > "$W/logs/synth.log" 2>&1
+    python -c 'import sys; from dflashkit.io import repair_jsonl_tail; repair_jsonl_tail(sys.argv[1])' \
+        "$W/synth/prompts/shard-00000-of-00001.jsonl"
+    stamp synth-end "$(wc -l < "$W/synth/prompts/shard-00000-of-00001.jsonl") prompts"
+    xz -T0 -k -c "$W/synth/prompts/shard-00000-of-00001.jsonl" > "$OUT/synth-prompts.jsonl.xz"
+    cp "$W/synth/shard-00000-of-00001.done.json" "$W/logs/done-synth-prompts.json" 2> /dev/null; bundle
+    stamp gen-synth; timeout "$(left 30)" "${engine[@]}" --input "$W/synth/prompts" --output-dir "$W/gen-synth" \
+        > "$W/logs/gen-synth.log" 2>&1
+    stamp gen-synth-end "$(wc -l < "$W/gen-synth/shard-00000-of-00001.jsonl") conversations"
+    pack synth "$W/gen-synth"
+fi
 ls -la "$OUT"
