@@ -371,11 +371,12 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def read_conversations(args: argparse.Namespace, errors: JsonlAppender, already: set[str]
-                       ) -> tuple[list[Conversation], int]:
-    """This shard's conversations not `already` written, and the number of input records the shard holds."""
+                       ) -> tuple[list[Conversation], int, int]:
+    """This shard's conversations not `already` written, the number of input records the shard holds, and how many
+    of those are `already` written (the file may hold others, e.g. from a run with a larger --max-conversations)."""
     from .inputs import iter_inputs, shard_of
 
-    out, inputs = [], 0
+    out, inputs, resumed = [], 0, 0
     for rec in iter_inputs(args.input):
         if args.max_conversations is not None and rec.index >= args.max_conversations:
             break
@@ -383,6 +384,7 @@ def read_conversations(args: argparse.Namespace, errors: JsonlAppender, already:
             continue
         inputs += 1
         if rec.id in already:
+            resumed += 1
             continue
         try:
             if rec.error is not None:
@@ -397,7 +399,7 @@ def read_conversations(args: argparse.Namespace, errors: JsonlAppender, already:
         mode = args.thinking_modes[rec.index % len(args.thinking_modes)] if args.thinking_modes else None
         kwargs = dict(args.chat_template_kwargs, **({args.thinking_mode_key: mode} if mode else {}))
         out.append(Conversation(rec, skeleton, repairs, mode, kwargs))
-    return out, inputs
+    return out, inputs, resumed
 
 
 def written_ids(path: Path) -> set[str]:
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if already:
         log.info("resuming: %d conversations already in %s", len(already), files.records)
     with JsonlAppender(files.errors, truncate=True) as errors, JsonlAppender(files.records) as sink:
-        conversations, inputs = read_conversations(args, errors, already)
+        conversations, inputs, resumed = read_conversations(args, errors, already)
         engine = Engine(decoder, eos_ids(model, tokenizer))
         tokens = {"prompt": 0, "completion": 0}
 
@@ -483,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
         answer_conversations(engine, renderer, conversations, args.max_tokens, write, fail)
     wall = time.time() - t0
-    written = len(already) + len(conversations) - len(failed)
+    written = resumed + len(conversations) - len(failed)
     counts = {"input": inputs, "written": written, "skipped": inputs - written - len(failed), "errors": len(failed)}
     summary = {"counts": counts, "tokens": tokens, "answer_tokens": engine.answer_tokens,
                "answer_tokens_per_s": round(engine.answer_tokens / wall, 1)}

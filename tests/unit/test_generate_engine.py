@@ -3,6 +3,8 @@ greedy tokens in float32, and the prompt synthesis keeps only finished, new prom
 from __future__ import annotations
 
 import collections
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,10 +20,12 @@ from dflashkit.generate.engine import (
     SlotDecoder,
     answer_conversations,
     conversation_record,
+    main,
     pick,
 )
 from dflashkit.generate.inputs import InputRecord
 from dflashkit.generate.synth import PromptFilter, user_header
+from dflashkit.io import iter_jsonl
 from dflashkit.prepare import model_dir
 from tests.helpers.server import THINKING_TEMPLATE
 
@@ -121,31 +125,44 @@ def test_user_header_and_prompt_filter():
     assert keep.rejected == {"duplicate": 2, "unfinished": 1, "length": 1, "special_token": 1, "repetitive": 1}
 
 
-def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
-    """The CLI end to end on CPU: a multi-turn record, a single-turn one and a bad one; the compact answers rebuild
-    the same shard from the prompt file."""
-    import json
+# A multi-turn record, a bad one, a single-turn one and one whose prompt is over the CLI's --max-context.
+PROMPTS = [
+    {"id": "a", "category": "x", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+                                               {"role": "user", "content": "More?"}]},
+    {"id": "b", "messages": [{"role": "assistant", "content": "no user turn"}]},
+    {"id": "c", "conversations": [{"from": "human", "value": "Why is the sky blue?"}]},
+    {"id": "d", "messages": [{"role": "user", "content": "word " * 200}]}]
 
-    from dflashkit.generate import answers, engine
-    from dflashkit.io import iter_jsonl
 
+def write_prompts(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """The engine CLI on CPU over a tiny saved model: run_cli(prompts, output_dir, *flags) gives its exit code."""
     tok = AutoTokenizer.from_pretrained(model_dir())
     model_path = tmp_path / "model"
     tiny_llama(len(tok)).save_pretrained(model_path)
     tok.save_pretrained(model_path)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"id": "a", "category": "x", "messages": [{"role": "user", "content": "Hi"},
-                                                   {"role": "assistant", "content": ""},
-                                                   {"role": "user", "content": "More?"}]},
-        {"id": "b", "messages": [{"role": "assistant", "content": "no user turn"}]},
-        {"id": "c", "conversations": [{"from": "human", "value": "Why is the sky blue?"}]},
-        {"id": "d", "messages": [{"role": "user", "content": "word " * 200}]}]))
+
+    def run(prompts: Path, out: Path, *flags: str) -> int:
+        return main(["--model", str(model_path), "--input", str(prompts), "--output-dir", str(out),
+                     "--dtype", "float32", "--slots", "2", "--max-tokens", "5", "--max-context", "128",
+                     "--chat-template", str(THINKING_TEMPLATE), "--thinking-modes", "enabled,disabled",
+                     "--model-name", "tiny", *flags])
+    return run
+
+
+def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path, run_cli):
+    """The CLI end to end on CPU: a multi-turn record, a single-turn one and a bad one; the compact answers rebuild
+    the same shard from the prompt file."""
+    from dflashkit.generate import answers
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
     out = tmp_path / "gen"
-    assert engine.main(["--model", str(model_path), "--input", str(prompts), "--output-dir", str(out),
-                        "--dtype", "float32", "--slots", "2", "--max-tokens", "5", "--max-context", "128",
-                        "--chat-template", str(THINKING_TEMPLATE), "--thinking-modes", "enabled,disabled",
-                        "--model-name", "tiny"]) == 0
+    assert run_cli(prompts, out) == 0
     shard = out / "shard-00000-of-00001.jsonl"
     records = {r["id"]: r for _, r in iter_jsonl(shard)}
     assert sorted(records) == ["a", "c"]
@@ -161,10 +178,7 @@ def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
     first = shard.read_text().splitlines(keepends=True)[0]
     shard.write_text(first + '{"id": "torn')
     (out / "shard-00000-of-00001.done.json").unlink()
-    assert engine.main(["--model", str(model_path), "--input", str(prompts), "--output-dir", str(out),
-                        "--dtype", "float32", "--slots", "2", "--max-tokens", "5", "--max-context", "128",
-                        "--chat-template", str(THINKING_TEMPLATE), "--thinking-modes", "enabled,disabled",
-                        "--model-name", "tiny"]) == 0
+    assert run_cli(prompts, out) == 0
     assert shard.read_text().startswith(first) and {r["id"]: r for _, r in iter_jsonl(shard)} == records
     assert json.loads((out / "shard-00000-of-00001.done.json").read_text())["counts"]["written"] == 2
 
@@ -173,6 +187,24 @@ def test_engine_cli_writes_a_generate_shard_that_packs_and_unpacks(tmp_path):
                          "--output-dir", str(tmp_path / "back")]) == 0
     back = [r for _, r in iter_jsonl(tmp_path / "back" / "shard-00000-of-00001.jsonl")]
     assert sorted(back, key=lambda r: r["id"]) == sorted(records.values(), key=lambda r: r["id"])
+
+
+def test_engine_cli_counts_this_runs_inputs_when_the_shard_holds_more(tmp_path, run_cli):
+    """A resumed shard file may hold conversations beyond --max-conversations (an earlier run over more, or kept
+    answers): the done marker counts this run's inputs only, so written + skipped + errors is the input count."""
+    beyond = [{"id": i, "messages": [{"role": "user", "content": f"Tell me about {i}."}]} for i in ("e", "f")]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS + beyond)
+    out = tmp_path / "gen"
+    assert run_cli(prompts, out) == 0
+    shard, done = out / "shard-00000-of-00001.jsonl", out / "shard-00000-of-00001.done.json"
+    lines = {json.loads(line)["id"]: line for line in shard.read_text().splitlines(keepends=True)}
+    assert sorted(lines) == ["a", "c", "e", "f"]
+    shard.write_text(lines["a"] + lines["e"] + lines["f"])  # c is answered again; e and f lie beyond the first 4
+    done.unlink()
+    assert run_cli(prompts, out, "--max-conversations", "4") == 0
+    assert sorted(r["id"] for _, r in iter_jsonl(shard)) == ["a", "c", "e", "f"]
+    # Of the 4 inputs: a resumed and c answered (written), b without a user turn (skipped), d over the context.
+    assert json.loads(done.read_text())["counts"] == {"input": 4, "written": 2, "skipped": 1, "errors": 1}
 
 
 def test_multi_turn_prompt_set_keeps_each_distinct_user_turn_once(tmp_path):
