@@ -151,10 +151,9 @@ def timed_steps(trainer, batch, target, steps: int, warmup: int, device: torch.d
             if cuda:
                 torch.cuda.synchronize(device)
             forward.append(time.perf_counter() - t0)
-        trainer.step([b], lr=1e-4)  # ends by reading the loss: the GPU is done when it returns
-        if cuda:
-            torch.cuda.synchronize(device)
+        trainer.read(trainer.step([b], lr=1e-4))  # reading the loss waits for the GPU
         times.append(time.perf_counter() - t0)
+        log(f"  step {step}: {times[-1]:.3f} s")  # the first steps compile: a stall shows which step it is
     mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None  # GiB
     return statistics.median(times[warmup:]), statistics.median(forward[warmup:]) if forward else 0.0, mem
 
