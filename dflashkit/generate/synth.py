@@ -5,11 +5,13 @@ template renders before a user turn's text), keep the finished, well-formed, new
         --base-url URL --output-dir SYNTH                 # through the server's completions endpoint
     python -m dflashkit.generate.engine --synthesize 50000 --model MODEL_DIR --output-dir SYNTH   # on a GPU
 
-Shard k of n writes SYNTH/prompts/shard-0000k-of-0000n.jsonl (records {"id": "synth-<sample>", "messages": [one user
-turn], "synthesis": {...}}, ready for `--input SYNTH/prompts`) and then its done-marker
+Shard k of n writes SYNTH/prompts/shard-0000k-of-0000n.jsonl (records {"id": "synth-<seed>-<sample>", "messages":
+[one user turn], "synthesis": {...}}, ready for `--input SYNTH/prompts`) and then its done-marker
 SYNTH/shard-0000k-of-0000n.done.json with the counts of accepted and rejected samples. Sample i (of shard i % n) is
-drawn with seed `--seed + i`, so a rerun makes the same prompts. Deduplication is within a shard and against
-`--synth-exclude` (e.g. the ShareGPT prompt set); texts are compared case- and whitespace-insensitively.
+drawn with seed `--seed + i`, so a rerun makes the same prompts; the seed is in the id so that a later run with another
+seed adds prompts whose ids cannot collide with the first run's. Deduplication is within a shard and against every
+`--synth-exclude` set (e.g. the ShareGPT prompt set and an earlier run's prompts); texts are compared case- and
+whitespace-insensitively.
 """
 from __future__ import annotations
 
@@ -87,20 +89,18 @@ class SynthPaths:
         return cls(Path(out_dir) / "prompts" / f"{name}.jsonl", Path(out_dir) / f"{name}.done.json")
 
 
-def prompt_record(sample: int, text: str, model: str, temperature: float, top_p: float) -> dict:
-    return {"id": f"synth-{sample:09d}", "messages": [{"role": "user", "content": text}],
-            "synthesis": {"model": model, "sample": sample, "temperature": temperature, "top_p": top_p}}
+def prompt_record(seed: int, sample: int, text: str, model: str, temperature: float, top_p: float) -> dict:
+    return {"id": f"synth-{seed}-{sample:09d}", "messages": [{"role": "user", "content": text}],
+            "synthesis": {"model": model, "seed": seed, "sample": sample, "temperature": temperature, "top_p": top_p}}
 
 
-def excluded_texts(spec: str | None) -> list[str]:
-    """The user turns of a prompt set, to keep synthesized prompts apart from it."""
-    if not spec:
-        return []
+def excluded_texts(specs: list[str]) -> list[str]:
+    """The user turns of prompt sets (files or dirs), to keep synthesized prompts apart from them."""
     from ..formats import raw_turns
     from .inputs import iter_inputs
 
     texts = []
-    for rec in iter_inputs(spec):
+    for rec in (rec for spec in specs for rec in iter_inputs(spec)):
         if rec.error is None:
             try:
                 texts += [t.content for t in raw_turns(rec.record) if t.role == "user"]
@@ -135,7 +135,8 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synth-min-chars", type=int, default=16)
     p.add_argument("--synth-max-chars", type=int, default=2000)
     p.add_argument("--synth-attempts", type=float, default=4.0, help="give up after N x this many samples")
-    p.add_argument("--synth-exclude", default=None, help="prompt records whose user turns count as already seen")
+    p.add_argument("--synth-exclude", nargs="+", default=[], metavar="PROMPTS",
+                   help="prompt record sets (files or dirs) whose user turns count as already seen")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -174,7 +175,7 @@ def synthesize_with_engine(decoder, eos: set[int], renderer, args: argparse.Name
             text = keep.accept(renderer.decode(tokens), reason)
             if text is not None and state["accepted"] < target:
                 state["accepted"] += 1
-                sink.write(prompt_record(req.key, text, model, args.synth_temperature, args.synth_top_p))
+                sink.write(prompt_record(args.seed, req.key, text, model, args.synth_temperature, args.synth_top_p))
             pending = state["submitted"] - state["finished"]
             if state["accepted"] + pending < target and state["submitted"] < limit:
                 submit()
@@ -242,7 +243,8 @@ def synthesize_shard(args: argparse.Namespace) -> int:
                     text = keep.accept(text, finish)
                     if text is not None:
                         accepted += 1
-                        sink.write(prompt_record(sample, text, args.model, args.synth_temperature, args.synth_top_p))
+                        sink.write(prompt_record(args.seed or 0, sample, text, args.model, args.synth_temperature,
+                                                 args.synth_top_p))
         finally:
             for client in clients:
                 await client.close()

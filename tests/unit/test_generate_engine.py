@@ -19,12 +19,13 @@ from dflashkit.generate.engine import (
     Sampling,
     SlotDecoder,
     answer_conversations,
+    build_parser,
     conversation_record,
     main,
     pick,
 )
 from dflashkit.generate.inputs import InputRecord
-from dflashkit.generate.synth import PromptFilter, user_header
+from dflashkit.generate.synth import PromptFilter, excluded_texts, prompt_record, user_header
 from dflashkit.io import iter_jsonl
 from dflashkit.prepare import model_dir
 from tests.helpers.server import THINKING_TEMPLATE
@@ -124,6 +125,20 @@ def test_user_header_and_prompt_filter():
     assert keep.accept(" ".join(["spam", "eggs"] * 20), "stop") is None
     assert keep.rejected == {"duplicate": 2, "unfinished": 1, "length": 1, "special_token": 1, "repetitive": 1}
 
+
+
+def test_a_later_synthesis_run_keeps_apart_from_every_earlier_set(tmp_path):
+    """A second run (another seed) excludes the ShareGPT prompts and the first run's prompts, and its ids differ."""
+    first = prompt_record(1, 3, "What is a llama?", "m", 1.0, 0.95)
+    second = prompt_record(2, 3, "What is an alpaca?", "m", 1.0, 0.95)
+    assert first["id"] == "synth-1-000000003" and second["id"] != first["id"] and second["synthesis"]["seed"] == 2
+    sharegpt = write_prompts(tmp_path / "sharegpt.jsonl", [PROMPTS[0], PROMPTS[2]])
+    (tmp_path / "synth" / "prompts").mkdir(parents=True)
+    write_prompts(tmp_path / "synth" / "prompts" / "shard-00000-of-00001.jsonl", [first])
+    args = build_parser().parse_args(["--model", "m", "--synthesize", "4", "--output-dir", "o",
+                                      "--synth-exclude", str(sharegpt), str(tmp_path / "synth" / "prompts")])
+    assert sorted(excluded_texts(args.synth_exclude)) == ["Hi", "More?", "What is a llama?", "Why is the sky blue?"]
+    assert build_parser().parse_args(["--model", "m", "--synthesize", "4", "--output-dir", "o"]).synth_exclude == []
 
 # A multi-turn record, a bad one, a single-turn one and one whose prompt is over the CLI's --max-context.
 PROMPTS = [
