@@ -18,7 +18,7 @@
 # A training still running EVAL_RESERVE seconds before the deadline is stopped and its last checkpoint evaluated.
 # PEERS_SITE (a folder with specforge 0.2.0 installed, --no-deps) adds the peer row: SpecForge's trainer on the bf16
 # dump for our run's steps (bench/peers/specforge_train.py), evaluated as ours. TRAIN_EXTRA adds dotted overrides to
-# every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check.
+# every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check. DSPARK=0 leaves out the DSpark run.
 # VARIANTS: ";"-separated "NAME [dotted overrides...]" runs at the smallest size beside its base run (dflash-SIZE),
 # scored on the held-out set only (heldout.jsonl; no export or MT-Bench eval).
 # BENCH: the step rows to run alone after the curve, in order, each while time is left: ovo (bench/online_vs_offline.py
@@ -27,6 +27,10 @@
 # checkpointing); empty skips them. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
 # $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
+# GEN_FIRST=S (at least 300) runs the data engine for S seconds before the curve instead: those conversations, then
+# GEN_SYNTH prompts (200,000; cut at the deadline) synthesized with seed GEN_SEED (2) apart from the kept ones, and
+# their answers, all packed into $OUT to be kept; the curve's sets take the new records after the kept ones (its
+# held-out set and the sizes that fit in the kept records stay as before; SIZES "... all" trains on everything).
 # What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings, errors) and the largest
 # DFlash draft as draft.tar.xz.part-NN (15 MiB pieces: cat them, then tar -xJf).
 set -uo pipefail
@@ -96,15 +100,35 @@ peer() {  # SpecForge 0.2's own trainer and defaults on the bf16 dump, for as ma
     [[ -f $run/draft/config.json ]] && evaluate peer-specforge
 }
 
+generate() {  # generate UNTIL SYNTH: bench/engine_run.sh until UNTIL on the MULTITURN conversations the kept answers
+    # lack, then (SYNTH > 0) prompts the target synthesizes apart from every kept prompt, and their answers; the
+    # answers are packed into $OUT (answers-sharegpt: kept and new; answers-synth, synth-prompts: the new ones)
+    stamp "gen $2"
+    if [[ ! -d $W/engine/gen-sharegpt ]]; then  # the kept answers, answered only for the rest
+        mkdir -p "$W/engine" && cp -r "$W/gen-sharegpt" "$W/engine/" && rm "$W/engine/gen-sharegpt/shard-00000-of-00001.done.json"
+    fi
+    # (the assignments expand left to right: everything naming $W precedes W=)
+    MODEL=$W/smollm2 SYNTH_EXCLUDE=$W/synth-prompts.jsonl W=$W/engine PROMPTS=$MULTITURN N=${GEN_CONVERSATIONS:-15024} \
+        SLOTS=${GEN_SLOTS:-512} CHECK=0 SYNTH=$2 SYNTH_SEED=${GEN_SEED:-2} DEADLINE=$1 bash bench/engine_run.sh \
+        >> "$W/logs/gen.log" 2>&1
+    cp "$W/engine/logs/timings.txt" "$W/logs/gen-timings.txt"
+    stamp "gen-end $(cat "$W"/engine/gen-*/shard-00000-of-00001.jsonl | wc -l) conversations"
+}
+
 stamp convert
 python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" --prompts "$MULTITURN" \
     --model-out "$W/smollm2" > "$W/logs/convert.log" 2>&1 || { stamp convert-failed; bundle; exit 1; }
 python -m dflashkit.generate.answers unpack bench/data/smollm2-sharegpt-answers.jsonl.xz --prompts "$MULTITURN" \
     --output-dir "$W/gen-sharegpt" && xz -dc bench/data/smollm2-synth-prompts.jsonl.xz > "$W/synth-prompts.jsonl" \
     && python -m dflashkit.generate.answers unpack bench/data/smollm2-synth-answers.jsonl.xz \
-        --prompts "$W/synth-prompts.jsonl" --output-dir "$W/gen-synth" \
-    && python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --heldout "${HELDOUT:-256}" --sizes $SIZES \
-        --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
+        --prompts "$W/synth-prompts.jsonl" --output-dir "$W/gen-synth" || { stamp data-failed; bundle; exit 1; }
+more=()
+if (( ${GEN_FIRST:-0} > 0 )); then  # new answers first; the curve takes them after the kept ones (curve_data --more)
+    generate $(( $(date +%s) + GEN_FIRST )) "${GEN_SYNTH:-200000}"
+    more=("$W/engine/gen-sharegpt" "$W/engine/gen-synth")
+fi
+python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --more "${more[@]}" --heldout "${HELDOUT:-256}" \
+    --sizes $SIZES --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
 largest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | tail -1)
 head -n "$FP8_RECORDS" "$W/curve/train-$largest.jsonl" > "$W/fp8-records.jsonl"
 
@@ -118,8 +142,10 @@ for f in "$W"/curve/train-*.jsonl; do
     n=$(basename "$f" .jsonl); n=${n#train-}
     train "dflash-$n" "${online[@]}" "data.online.inputs=[$f]" & pids+=($!)
 done
-train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
-    model.block_size=15 & pids+=($!)
+if [[ ${DSPARK:-1} == 1 ]]; then
+    train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
+        model.block_size=15 & pids+=($!)
+fi
 smallest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | head -1)
 IFS=';' read -r -a variants <<<"${VARIANTS:-}"
 for v in "${variants[@]}"; do
@@ -164,13 +190,7 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
     bundle
 done
 if [[ ${GEN:-0} == 1 ]] && (( $(left 0) > 90 )); then  # the conversations the kept answers lack (a rerun skips the rest)
-    stamp gen-sharegpt
-    mkdir -p "$W/engine" && rm -rf "$W/engine/gen-sharegpt" && cp -r "$W/gen-sharegpt" "$W/engine/" \
-        && rm "$W/engine/gen-sharegpt/shard-00000-of-00001.done.json"
-    MODEL=$W/smollm2 W=$W/engine PROMPTS=$MULTITURN N=${GEN_CONVERSATIONS:-15024} SLOTS=${GEN_SLOTS:-512} CHECK=0 SYNTH=0 \
-        AFTER_SHAREGPT=30 bash bench/engine_run.sh > "$W/logs/gen-sharegpt.log" 2>&1  # answers-sharegpt.jsonl.xz
-    cp "$W/engine/logs/timings.txt" "$W/logs/gen-timings.txt"
-    stamp "gen-sharegpt-end $(wc -l < "$W/engine/gen-sharegpt/shard-00000-of-00001.jsonl") conversations"
+    AFTER_SHAREGPT=30 generate "$DEADLINE" 0
 fi
 stamp done
 bundle
