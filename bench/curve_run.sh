@@ -28,7 +28,8 @@
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
 # $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
 # GEN_FIRST=S (at least 300) runs the data engine for S seconds before the curve instead: those conversations, then
-# GEN_SYNTH prompts (200,000; cut at the deadline) synthesized with seed GEN_SEED (2) apart from the kept ones, and
+# GEN_SYNTH prompts (200,000; cut at the deadline) synthesized with seed GEN_SEED (default: one more than the kept
+# synthesized sets, the first of which used seed 1) apart from the kept ones, and
 # their answers, all packed into $OUT to be kept; the curve's sets take the new records after the kept ones (its
 # held-out set and the sizes that fit in the kept records stay as before; SIZES "... all" trains on everything).
 # What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings, errors) and the largest
@@ -100,16 +101,23 @@ peer() {  # SpecForge 0.2's own trainer and defaults on the bf16 dump, for as ma
     [[ -f $run/draft/config.json ]] && evaluate peer-specforge
 }
 
+unpack() {  # unpack NAME PROMPTS: bench/data/smollm2-NAME-answers.jsonl.xz into $W/gen-NAME
+    python -m dflashkit.generate.answers unpack "bench/data/smollm2-$1-answers.jsonl.xz" --prompts "$2" \
+        --output-dir "$W/gen-$1" > /dev/null || { stamp "data-failed $1"; bundle; exit 1; }
+}
+
 generate() {  # generate UNTIL SYNTH: bench/engine_run.sh until UNTIL on the MULTITURN conversations the kept answers
     # lack, then (SYNTH > 0) prompts the target synthesizes apart from every kept prompt, and their answers; the
     # answers are packed into $OUT (answers-sharegpt: kept and new; answers-synth, synth-prompts: the new ones)
     stamp "gen $2"
-    if [[ ! -d $W/engine/gen-sharegpt ]]; then  # the kept answers, answered only for the rest
-        mkdir -p "$W/engine" && cp -r "$W/gen-sharegpt" "$W/engine/" && rm "$W/engine/gen-sharegpt/shard-00000-of-00001.done.json"
+    if [[ ! -d $W/engine/gen-sharegpt ]]; then  # the latest kept ShareGPT shard (each holds the earlier ones), answered
+        # only for the rest
+        mkdir -p "$W/engine/gen-sharegpt" && cp "$(ls -d "$W"/gen-sharegpt* | tail -1)/shard-00000-of-00001.jsonl" \
+            "$W/engine/gen-sharegpt/"
     fi
     # (the assignments expand left to right: everything naming $W precedes W=)
-    MODEL=$W/smollm2 SYNTH_EXCLUDE=$W/synth-prompts.jsonl W=$W/engine PROMPTS=$MULTITURN N=${GEN_CONVERSATIONS:-15024} \
-        SLOTS=${GEN_SLOTS:-512} CHECK=0 SYNTH=$2 SYNTH_SEED=${GEN_SEED:-2} DEADLINE=$1 bash bench/engine_run.sh \
+    MODEL=$W/smollm2 SYNTH_EXCLUDE="${kept_prompts[*]}" W=$W/engine PROMPTS=$MULTITURN N=${GEN_CONVERSATIONS:-15024} \
+        SLOTS=${GEN_SLOTS:-512} CHECK=0 SYNTH=$2 SYNTH_SEED=${GEN_SEED:-$(( ${#kept_prompts[@]} + 1 ))} DEADLINE=$1 bash bench/engine_run.sh \
         >> "$W/logs/gen.log" 2>&1
     cp "$W/engine/logs/timings.txt" "$W/logs/gen-timings.txt"
     stamp "gen-end $(cat "$W"/engine/gen-*/shard-00000-of-00001.jsonl | wc -l) conversations"
@@ -118,14 +126,26 @@ generate() {  # generate UNTIL SYNTH: bench/engine_run.sh until UNTIL on the MUL
 stamp convert
 python bench/train_smollm2_data.py --gguf "$GGUF" --tokenizer-dir "$TOK" --prompts "$MULTITURN" \
     --model-out "$W/smollm2" > "$W/logs/convert.log" 2>&1 || { stamp convert-failed; bundle; exit 1; }
-python -m dflashkit.generate.answers unpack bench/data/smollm2-sharegpt-answers.jsonl.xz --prompts "$MULTITURN" \
-    --output-dir "$W/gen-sharegpt" && xz -dc bench/data/smollm2-synth-prompts.jsonl.xz > "$W/synth-prompts.jsonl" \
-    && python -m dflashkit.generate.answers unpack bench/data/smollm2-synth-answers.jsonl.xz \
-        --prompts "$W/synth-prompts.jsonl" --output-dir "$W/gen-synth" || { stamp data-failed; bundle; exit 1; }
-more=()
+# The first kept sets (the curve's held-out set is drawn from them), then any kept by later runs
+# (bench/data/README.md): sharegpt-RUN answers MULTITURN, synth-RUN its own synthesized prompts.
+unpack sharegpt "$MULTITURN"
+xz -dc bench/data/smollm2-synth-prompts.jsonl.xz > "$W/synth-prompts.jsonl" && unpack synth "$W/synth-prompts.jsonl"
+more=() kept_prompts=("$W/synth-prompts.jsonl")
+for f in bench/data/smollm2-sharegpt-*-answers.jsonl.xz bench/data/smollm2-synth-*-answers.jsonl.xz; do
+    [[ -e $f ]] || continue
+    name=$(basename "$f" -answers.jsonl.xz); name=${name#smollm2-}
+    if [[ $name == sharegpt-* ]]; then
+        unpack "$name" "$MULTITURN"
+    else
+        xz -dc "bench/data/smollm2-$name-prompts.jsonl.xz" > "$W/$name-prompts.jsonl" && unpack "$name" "$W/$name-prompts.jsonl"
+        kept_prompts+=("$W/$name-prompts.jsonl")
+    fi
+    more+=("$W/gen-$name")
+done
+ls -d "$W"/gen-* | while read -r d; do echo "$d: $(wc -l < "$d/shard-00000-of-00001.jsonl") conversations"; done
 if (( ${GEN_FIRST:-0} > 0 )); then  # new answers first; the curve takes them after the kept ones (curve_data --more)
     generate $(( $(date +%s) + GEN_FIRST )) "${GEN_SYNTH:-200000}"
-    more=("$W/engine/gen-sharegpt" "$W/engine/gen-synth")
+    more+=("$W/engine/gen-sharegpt" "$W/engine/gen-synth")
 fi
 python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --more "${more[@]}" --heldout "${HELDOUT:-256}" \
     --sizes $SIZES --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
