@@ -254,9 +254,14 @@ def collate(items: list[dict], block_size: int) -> dict:
 
 
 def padded_features(batch: dict, key: str) -> torch.Tensor:
-    """A packed feature of a collated batch as [b, T, width], zeros on padding, on the batch's device."""
+    """A packed feature of a collated batch as [b, T, width], zeros on padding, on the batch's device. A batch with
+    no padding (every row T long: the packed rows are already the [b * T] layout, `token_index` 0..b*T-1) gets a
+    view of its own tensor instead of a second copy: at minimax-m3's micro-batch 4 x 8192 the fused layers are
+    1.9 GiB, which the step would otherwise hold twice (the batch's, and the copy the draft's fc keeps for backward)."""
     b, t = batch["input_ids"].shape
     packed = batch[key]
+    if packed.shape[0] == b * t:  # known on the host: no device sync
+        return packed.view(b, t, -1)
     return packed.new_zeros(b * t, packed.shape[-1]).index_copy_(0, batch["token_index"], packed).view(b, t, -1)
 
 

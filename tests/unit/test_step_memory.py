@@ -1,4 +1,5 @@
-"""The step's memory, counted as bench/step_memory.py counts it (fake tensors, every storage while it is alive)."""
+"""The step's memory, counted as bench/step_memory.py counts it (fake tensors, every storage while it is alive):
+an unpadded micro-batch's fused layers are not copied for the draft, and the step's values do not change."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,12 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
+from dflashkit.train import data
+from tests.helpers.train import tiny_config
+from tests.unit.test_train_perf import batch, trainer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,6 +23,56 @@ def step_memory():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def copied_features(batch: dict, key: str) -> torch.Tensor:
+    """padded_features as it was: always a zero-padded copy."""
+    b, t = batch["input_ids"].shape
+    packed = batch[key]
+    return packed.new_zeros(b * t, packed.shape[-1]).index_copy_(0, batch["token_index"], packed).view(b, t, -1)
+
+
+def counted_bytes(step_memory, b: dict, run) -> int:
+    """Bytes that `run(fake batch)` leaves alive beyond the batch itself."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake, step_memory.LiveBytes(["-"]) as live:
+        fb = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        for v in fb.values():
+            if isinstance(v, torch.Tensor):
+                live.track(v, "batch")
+        held = live.now
+        out = run(fb)
+        live.sweep()
+        assert out is not None
+        return live.now - held
+
+
+def test_unpadded_features_are_the_batch_itself_padded_ones_a_copy(step_memory):
+    cfg = tiny_config()
+    width = cfg.num_fused_layers * cfg.hidden_size
+    full, short = batch(cfg, lengths=(128, 128)), batch(cfg, lengths=(128, 100))  # padded_length: 128 both
+    for b in (full, short):
+        assert torch.equal(data.padded_features(b, "aux_hidden_states"), copied_features(b, "aux_hidden_states"))
+    view = data.padded_features(full, "aux_hidden_states")
+    assert view.untyped_storage().data_ptr() == full["aux_hidden_states"].untyped_storage().data_ptr()
+    # Counted the bench's way: the copy was 2 x 128 x width fp32; the view is no new storage.
+    padded = 2 * 128 * width * 4
+    assert counted_bytes(step_memory, full, lambda fb: copied_features(fb, "aux_hidden_states")) == padded
+    assert counted_bytes(step_memory, full, lambda fb: data.padded_features(fb, "aux_hidden_states")) == 0
+    assert counted_bytes(step_memory, short, lambda fb: data.padded_features(fb, "aux_hidden_states")) == padded
+
+
+def test_an_unpadded_batch_trains_the_same_bitwise(monkeypatch):
+    cfg = tiny_config()
+    full = batch(cfg, lengths=(128, 128))
+    results = []
+    for features in (copied_features, data.padded_features):
+        monkeypatch.setattr(data, "padded_features", features)
+        t = trainer(cfg)
+        losses = [t.read(t.step([full], lr=1e-2))["loss"] for _ in range(3)]
+        results.append((losses, {k: v.detach().clone() for k, v in t.model.state_dict().items()}))
+    (losses_a, state_a), (losses_b, state_b) = results
+    assert losses_a == losses_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 def test_step_memory_runs_at_a_small_preset(step_memory, monkeypatch):
