@@ -1,5 +1,6 @@
 """The step's memory, counted as bench/step_memory.py counts it (fake tensors, every storage while it is alive):
-an unpadded micro-batch's fused layers are not copied for the draft, and the step's values do not change."""
+an unpadded micro-batch's fused layers are not copied for the draft, the gradient-in-forward loss's backward holds
+its fp32 products one chunk at a time, and neither changes a value."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dflashkit.train import data
+from dflashkit.train import data, loss
 from tests.helpers.train import tiny_config
 from tests.unit.test_train_perf import batch, trainer
 
@@ -73,6 +74,60 @@ def test_an_unpadded_batch_trains_the_same_bitwise(monkeypatch):
     (losses_a, state_a), (losses_b, state_b) = results
     assert losses_a == losses_b
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def unchunked_backward(ctx, d_nll, d_pred, d_kd=None):
+    """_RowStatsGradInForward.backward as it was: every row's fp32 products at once."""
+    g_nll, g_kd = ctx.saved_tensors
+    grad = d_nll.unsqueeze(-1) * g_nll
+    if g_kd is not None:
+        grad = grad + d_kd.unsqueeze(-1) * g_kd
+    return grad.to(ctx.hidden_dtype), None, None, None, None, None
+
+
+def row_grad(rows: int, h: int, v: int, chunk: int, kd: bool) -> torch.Tensor:
+    """bf16 hidden rows' gradient through row_stats' gradient-in-forward path (nll, and KD with `kd`)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, h, generator=g).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(v, h, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, v, (rows,), generator=g)
+    teacher = torch.randn(rows, h, generator=g).to(torch.bfloat16) if kd else None
+    scale = torch.rand(rows, generator=g)
+    out = loss.row_stats(hidden, weight, labels, teacher, chunk, grad_in_forward=True)
+    total = (scale * out[0]).sum() + ((1 - scale) * out[2]).sum() if kd else (scale * out[0]).sum()
+    total.backward()
+    return hidden.grad
+
+
+@pytest.mark.parametrize("kd", [False, True])
+def test_the_gradient_in_forward_backward_gives_the_same_values_bitwise(monkeypatch, kd):
+    chunked = row_grad(37, 16, 50, chunk=8, kd=kd)
+    monkeypatch.setattr(loss._RowStatsGradInForward, "backward", staticmethod(unchunked_backward))
+    whole = row_grad(37, 16, 50, chunk=8, kd=kd)
+    assert chunked.dtype == torch.bfloat16 and torch.equal(chunked, whole)
+
+
+def backward_peak(step_memory, rows: int, h: int, chunk: int) -> int:
+    """Bytes above what is alive before the backward, at its peak, in bench/step_memory.py's count."""
+    with FakeTensorMode(), step_memory.LiveBytes(["-"]) as live:
+        hidden = torch.empty(rows, h, dtype=torch.bfloat16).requires_grad_()
+        weight, labels = torch.empty(64, h, dtype=torch.bfloat16), torch.zeros(rows, dtype=torch.long)
+        nll = loss.row_stats(hidden, weight, labels, None, chunk, grad_in_forward=True)[0]
+        total = nll.sum()
+        live.sweep()
+        before = live.peak = live.now
+        total.backward()
+        return live.peak - before
+
+
+def test_the_gradient_in_forward_backward_holds_one_chunk_of_fp32_products(step_memory, monkeypatch):
+    rows, h, chunk = 400, 32, 64
+    chunked = backward_peak(step_memory, rows, h, chunk)
+    monkeypatch.setattr(loss._RowStatsGradInForward, "backward", staticmethod(unchunked_backward))
+    whole = backward_peak(step_memory, rows, h, chunk)
+    # An fp32 [rows, H] product before; now [chunk_rows, H], two at the peak (the next chunk's is made while the
+    # last one's is still referenced).
+    assert whole - chunked == (rows - 2 * chunk) * h * 4
 
 
 def test_step_memory_runs_at_a_small_preset(step_memory, monkeypatch):
