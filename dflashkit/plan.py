@@ -266,7 +266,8 @@ def render(rows: list[StageCost], facts: dict, after: list[list[str]]) -> str:
     table = []
     for r in rows:
         hours = "-" if r.stage == "export" else (
-            NOT_MEASURED if r.gpu_hours is None else f"{r.gpu_hours:,.0f} ({r.throughput[0]:,.0f} tok/s/GPU"
+            NOT_MEASURED if r.gpu_hours is None else f"{r.gpu_hours:,.{1 if r.gpu_hours < 10 else 0}f} "
+            f"({r.throughput[0]:,.0f} tok/s/GPU"
             + (f", {r.throughput[1]}" if r.throughput[1] else "") + ")")
         table.append([r.stage, str(r.shards), r.per_shard, "-" if r.disk_bytes is None else human(r.disk_bytes), r.disk_note,
                       str(r.gpus) if r.gpus else "-", hours])
