@@ -161,9 +161,9 @@ def timed_steps(trainer, batch, target, steps: int, warmup: int, device: torch.d
 def qwen3(args) -> dict:
     import train_step  # bench/train_step.py: its presets, trainer and synthetic batch
 
-    from dflashkit.train.distributed import Dist
+    from dflashkit.train.distributed import init_distributed
 
-    d = Dist()
+    d = init_distributed()  # the GPU where there is one (a bare Dist() is the CPU: the stalls of runs 6 and 7)
     log(f"{args.preset}: building the draft step (compiled)")
     step_args = train_step.parse_args(["--preset", args.preset, "--micro-batch", "1"]
                                       + (["--seq", str(args.seq)] if args.seq else []))
