@@ -178,7 +178,8 @@ def alive(entries: list[tuple[int, str]], top: int = 40) -> list[dict]:
 
 def measure(args, step: str) -> dict:
     argv = ["--preset", args.preset, "--micro-batch", str(args.micro_batch), "--step", step, "--precision", "bf16",
-            "--attention", "sdpa"] + (["--activation-checkpointing"] if args.activation_checkpointing else [])
+            "--attention", "sdpa"] + (["--activation-checkpointing"] if args.activation_checkpointing else []) \
+        + (["--row-lengths", *map(str, args.row_lengths)] if args.row_lengths else [])
     bench_args = train_step.parse_args(argv)
     modules = ["(outside the draft)"]
     with FakeTensorMode(allow_non_fake_inputs=True) as fake, LiveBytes(modules) as live:
@@ -211,7 +212,7 @@ def measure(args, step: str) -> dict:
         loss.backward()
         live.phase = None
         params = sum(p.numel() for p in trainer.model.parameters())
-    return {"preset": args.preset, "micro_batch": args.micro_batch, "step": step,
+    return {"preset": args.preset, "micro_batch": args.micro_batch, "row_lengths": args.row_lengths, "step": step,
             "activation_checkpointing": args.activation_checkpointing, "batch_on_host": args.batch_on_host,
             "held_before_gib": round(held / GIB, 2), "peak_above_held_gib": round((live.peak - held) / GIB, 2),
             "total_at_peak_gib": round(live.peak / GIB, 2), "peak_at": live.at,
@@ -248,6 +249,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(train_step.PRESETS), default="qwen3-8b")
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--row-lengths", type=int, nargs="+", help="bench/train_step.py's: a padded micro-batch")
     p.add_argument("--step", choices=["plain", "fast"], action="append",
                    help="measure this step kind (repeatable; default: plain, then fast)")
     p.add_argument("--activation-checkpointing", action="store_true", help="train.activation_checkpointing")

@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--seq", type=int, help="override the preset's sequence length")
+    p.add_argument("--row-lengths", type=int, nargs="+",
+                   help="rows of these lengths (cycled, each at most the sequence length) instead of every row the "
+                        "sequence length: a micro-batch padded as real data pads it")
     p.add_argument("--anchors", type=int, help="override the preset's anchors per sequence")
     p.add_argument("--num-layers", type=int, help="override the preset's draft layers")
     p.add_argument("--num-attention-heads", type=int)
@@ -136,8 +139,10 @@ def build(args, d: Dist):
     head = TargetHead(rand(v, h), rand(v, h), torch.ones(h, dtype=dt, device=d.device), 1e-6)
     trainer = Trainer(cfg, d, "pre_norm", dcfg, head)
     # Each rank its own data, as in training.
+    if any(not 0 < n <= seq for n in args.row_lengths or []):
+        raise SystemExit(f"--row-lengths {args.row_lengths}: each in 1..{seq}")
     batch = synthetic_batch(micro=args.micro_batch, seq=seq, width=dcfg.num_fused_layers * h, anchors=anchors,
-                            vocab=v, block_size=dcfg.block_size, seed=d.rank)
+                            vocab=v, block_size=dcfg.block_size, seed=d.rank, lengths=args.row_lengths)
     # On the device already, as the trainer's data.DevicePrefetcher hands batches over (copied during the step before).
     batch = {k: t.to(d.device) for k, t in batch.items()}
     return dcfg, cfg, trainer, batch, seq, anchors
@@ -176,13 +181,14 @@ def run(args, d: Dist) -> dict:
     flops = batch_flops(dcfg, batch)
     total_flops = torch.tensor(flops.total, dtype=torch.float64, device=d.device)
     flops_per_gpu = float(d.all_reduce_sum(total_flops)) / d.world_size
-    tokens = args.micro_batch * seq
+    tokens = int(batch["length"].sum())  # real positions (micro-batch x seq unless --row-lengths)
     achieved = flops_per_gpu / step_time / 1e12
     return {
         "device": torch.cuda.get_device_name(d.device) if cuda else "cpu", "gpus": d.world_size, "mode": mode,
         "preset": args.preset, "hidden": dcfg.hidden_size, "heads": f"{dcfg.num_attention_heads}/{dcfg.num_key_value_heads}",
         "draft_layers": dcfg.num_hidden_layers, "intermediate": dcfg.intermediate_size, "vocab": dcfg.vocab_size,
-        "seq": seq, "anchors": anchors, "block_size": dcfg.block_size, "micro_batch": args.micro_batch,
+        "seq": seq, "row_lengths": args.row_lengths, "anchors": anchors, "block_size": dcfg.block_size,
+        "micro_batch": args.micro_batch,
         "attention": trainer.attention if trainer.attention != "auto" else ("flex" if cuda else "sdpa"),
         "precision": "bf16-autocast" if trainer.bf16 else "fp32", "step": cfg.step, "compiled": trainer.compiled,
         "activation_checkpointing": cfg.activation_checkpointing, "vocab_chunk_rows": cfg.loss.vocab_chunk_rows,

@@ -146,10 +146,17 @@ class DFlashDraft(nn.Module):
         """[.., n*H] target hidden states -> [.., H] context the layers attend to."""
         return self.hidden_norm(self.fc(target_hidden))
 
-    def forward(self, target_hidden, block_embeds, context_positions, block_positions, mask) -> torch.Tensor:
+    def forward(self, target_hidden, block_embeds, context_positions, block_positions, mask, *,
+                context_index: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the final-normed hidden states of the block tokens, [b, Q, H]; logits are the target's lm_head
-        applied to them."""
+        applied to them. With `context_index` [N], `target_hidden` comes packed, [N, n*H]: a batch's real positions
+        only, `context_index` their places in the [b * S] layout of `context_positions`. They are fused as they are
+        and padded after, n times narrower, so the padded batch never exists at n*H wide (the fc would keep it for
+        backward); padding gets a zero context, what fc and hidden_norm make of zero states."""
         context = self.fuse(self._compute_dtype(target_hidden))
+        if context_index is not None:
+            b, s = context_positions.shape
+            context = context.new_zeros(b * s, context.shape[-1]).index_copy(0, context_index, context).view(b, s, -1)
         x = self._compute_dtype(block_embeds)
         rope_context = self.rotary(x, context_positions)
         rope_block = self.rotary(x, block_positions)

@@ -102,9 +102,11 @@ class DSparkDraft(DFlashDraft):
         return block_size
 
     def forward(self, target_hidden, block_embeds, context_positions, block_positions, mask,
-                previous_ids: torch.Tensor) -> DSparkOutput:
-        """`previous_ids` [b, Q]: the token before each slot's prediction (the anchor for slot 0, then x[a+k])."""
-        hidden = super().forward(target_hidden, block_embeds, context_positions, block_positions, mask)
+                previous_ids: torch.Tensor, *, context_index: torch.Tensor | None = None) -> DSparkOutput:
+        """`previous_ids` [b, Q]: the token before each slot's prediction (the anchor for slot 0, then x[a+k]).
+        `context_index`: packed `target_hidden`, as DFlashDraft.forward takes it."""
+        hidden = super().forward(target_hidden, block_embeds, context_positions, block_positions, mask,
+                                 context_index=context_index)
         markov_embed = self.markov_head.markov_w1(previous_ids)
         confidence = None if self.confidence_head is None else self.confidence_head(hidden, markov_embed)
         return DSparkOutput(hidden, markov_embed, confidence, self.markov_head.markov_w2.weight)

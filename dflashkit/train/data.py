@@ -215,7 +215,8 @@ def padded_length(t: int) -> int:
 
 
 # The wide per-position features (the fused target layers, the final state): they travel unpadded, `[sum of
-# lengths, width]`, and are padded on the GPU (`padded_features`). Padded on the host, a micro-batch of 32 ShareGPT
+# lengths, width]`, and are padded on the GPU (`padded_features`; the fused layers only after the draft's fc narrowed
+# them: `context_features`). Padded on the host, a micro-batch of 32 ShareGPT
 # answers at SmolLM2's dims was 454 MB of which 17% real; each worker wrote it, then shared memory and the pinning
 # thread copied it again, and the copy to the GPU moved it once more (bench/host_step.py).
 PACKED = ("aux_hidden_states", "hidden_states", *SCALE_KEYS.values())  # fp8 dumps: the states' scales, row for row
@@ -251,6 +252,17 @@ def collate(items: list[dict], block_size: int) -> dict:
                                                  out["anchor_valid"], block_size)
     out["rows"] = out["counted"].flatten().nonzero()[:, 0]
     return out
+
+
+def context_features(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused target layers as the draft takes them (DFlashDraft.forward): packed, [sum of lengths, n*H], with
+    `token_index` for the draft to pad after its fc, H wide instead of n*H; or, with no padding, the [b, T, n*H] view
+    of `padded_features` and None (the packed rows are the padded layout already)."""
+    b, t = batch["input_ids"].shape
+    packed = batch["aux_hidden_states"]
+    if packed.shape[0] == b * t:
+        return padded_features(batch, "aux_hidden_states"), None
+    return packed, batch["token_index"]
 
 
 def padded_features(batch: dict, key: str) -> torch.Tensor:

@@ -129,13 +129,13 @@ class Trainer:
 
     def _forward(self, batch: dict):
         dev, B, c = self.d.device, self.dcfg.block_size, self.cfg.loss
-        ids, anchors, aux = batch["input_ids"], batch["anchors"], data.padded_features(batch, "aux_hidden_states")
+        ids, anchors, (aux, context_index) = batch["input_ids"], batch["anchors"], data.context_features(batch)
         labels, counted = batch["labels"], batch["counted"]
         b, t = ids.shape
         block_ids, block_pos = block_inputs(ids, anchors, B, self.dcfg.mask_token_id)
         mask = training_mask(anchors, t, B, self.attention)  # built once, shared by every layer
         inputs = (aux, self.head.embed_tokens(block_ids), torch.arange(t, device=dev).expand(b, t), block_pos, mask)
-        hidden, extra = self.objective.forward(self.model, inputs, ids, anchors, B, c)
+        hidden, extra = self.objective.forward(self.model, inputs, ids, anchors, B, c, context_index)
         teacher = None
         if c.kd_weight > 0:
             # The target's distribution over x[a+k] comes from its final state at a+k-1.

@@ -29,9 +29,10 @@ class DFlashObjective:
         return block_size
 
     def forward(self, model, inputs: tuple, input_ids: torch.Tensor, anchors: torch.Tensor, block_size: int,
-                loss: LossSpec) -> tuple[torch.Tensor, dict]:
-        """(draft outputs [b, N*W, H] in the label layout, block_loss's extra arguments)."""
-        return model(*inputs), {}
+                loss: LossSpec, context_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(draft outputs [b, N*W, H] in the label layout, block_loss's extra arguments). `context_index`: the
+        packed target states' places (DFlashDraft.forward)."""
+        return model(*inputs, context_index=context_index), {}
 
 
 def _shift_right(x: torch.Tensor, num_blocks: int, block_size: int) -> torch.Tensor:
@@ -51,9 +52,9 @@ class DSparkObjective(DFlashObjective):
     def label_width(block_size: int) -> int:
         return block_size + 1
 
-    def forward(self, model, inputs, input_ids, anchors, block_size, loss):
+    def forward(self, model, inputs, input_ids, anchors, block_size, loss, context_index=None):
         n = anchors.shape[1]
-        out = model(*inputs, previous_tokens(input_ids, anchors, block_size))
+        out = model(*inputs, previous_tokens(input_ids, anchors, block_size), context_index=context_index)
         extra = {"markov": (_shift_right(out.markov_embed, n, block_size), out.markov_w2)}
         if out.confidence is not None:
             extra.update(confidence=_shift_right(out.confidence, n, block_size).view(-1, n, block_size + 1),

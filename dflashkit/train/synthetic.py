@@ -8,13 +8,15 @@ from dflashkit.train.data import anchor_generator, collate, sample_anchors
 
 
 def synthetic_batch(*, micro: int, seq: int, width: int, anchors: int, vocab: int, block_size: int,
-                    seed: int) -> dict:
+                    seed: int, lengths: list[int] | None = None) -> dict:
     """`micro` sequences of `seq` token ids below `vocab`: a prompt (the first quarter, outside the loss mask), then
     the answer; `width` bf16 features per position (the fused target layers); `anchors` sampled per sequence as the
-    trainer samples them. The same seed gives the same batch."""
+    trainer samples them. `lengths`: the rows' lengths instead (cycled), so the batch is padded as real data is.
+    The same seed gives the same batch."""
     g = torch.Generator().manual_seed(seed)
     items = []
     for i in range(micro):
+        seq = lengths[i % len(lengths)] if lengths else seq
         loss_mask = torch.zeros(seq, dtype=torch.uint8)
         loss_mask[seq // 4:] = 1
         a, valid = sample_anchors(loss_mask, anchors, anchor_generator(seed, 0, i))

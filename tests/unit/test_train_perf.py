@@ -24,7 +24,7 @@ from tests.helpers.train import tiny_config
 REPO = Path(__file__).resolve().parents[2]
 
 
-def batch(cfg, lengths=(40, 29), anchors=6, seed=0) -> dict:
+def batch(cfg, lengths=(40, 29), anchors=6, seed=0, label_width=None) -> dict:
     g = torch.Generator().manual_seed(seed)
     items = []
     for i, t in enumerate(lengths):
@@ -34,7 +34,7 @@ def batch(cfg, lengths=(40, 29), anchors=6, seed=0) -> dict:
         items.append({"input_ids": torch.randint(0, cfg.vocab_size - 1, (t,), generator=g),
                       "aux_hidden_states": torch.randn(t, cfg.num_fused_layers * cfg.hidden_size, generator=g),
                       "loss_mask": loss_mask, "anchors": a, "anchor_valid": valid, "length": torch.tensor(t)})
-    return collate(items, cfg.block_size)
+    return collate(items, label_width or cfg.block_size)  # DSpark's labels are block_size + 1 wide
 
 
 def trainer(cfg, **options) -> Trainer:
