@@ -22,8 +22,8 @@
 # VARIANTS: ";"-separated "NAME [dotted overrides...]" runs at the smallest size beside its base run (dflash-SIZE),
 # scored on the held-out set only (heldout.jsonl; no export or MT-Bench eval).
 # BENCH: the step rows to run alone after the curve, in order, each while time is left: ovo (bench/online_vs_offline.py
-# --parts smollm2 on OVO_PROMPTS: the recipe's online forward cost beside 2,048, one forward and the compiled
-# target), qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at micro-batch 4, without and with
+# --parts smollm2 on OVO_PROMPTS: offline and online as the recipe trains, and both with data.group_by_length 16),
+# qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at micro-batch 4, without and with
 # checkpointing); empty skips them. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
 # $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
@@ -195,7 +195,7 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
         [[ -n ${OVO_PROMPTS:-} ]] || { stamp "ovo skipped: no OVO_PROMPTS"; continue; }
         stamp ovo-smollm2
         timeout "$(limit 0)" python bench/online_vs_offline.py --parts smollm2 --model "$W/smollm2" \
-            --prompts "$OVO_PROMPTS" --work "$W/ovo" --forward-costs 2048 1000000000 --compile-target > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
+            --prompts "$OVO_PROMPTS" --work "$W/ovo" --group-by-length 16 --steps 80 --warmup 40 > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
         rm -rf "$W/ovo/dump" ;;
     m3)
         for flags in "" "--activation-checkpointing"; do

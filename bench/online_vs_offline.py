@@ -5,6 +5,9 @@
     bf16, 5 target layers, the quality run's dump flags) and online from the generate-format records. Records are
     ShareGPT first turns with their recorded reply, in the generate stage's format (thinking mode "disabled"), so no
     generation is needed. tokens/s: dump positions per second over the steps after --warmup (metrics.jsonl).
+    `--group-by-length K` adds both sources with data.group_by_length K; grouped steps differ in size by design,
+    so compare their `tokens_per_s_mean` over whole epochs: --warmup one epoch, --steps two (1,280 records at
+    micro-batch 32: --steps 80 --warmup 40).
 (b) `qwen3-8b`: bench/train_step.py's synthetic step at Qwen3-8B dims (its `qwen3-8b` preset), offline (the batch
     carries the states) vs online (a randomly initialized Qwen3-8B-shaped target, bf16, computes them first):
     median step time and peak memory of each.
@@ -107,11 +110,15 @@ def smollm2(args) -> dict:
     out = {"bench": "online_vs_offline", "part": "smollm2", "records": n, "steps": args.steps, "warmup": args.warmup,
            "dump_s": round(dump_s, 1), "dump_bytes": sum(p.stat().st_size for p in dump.glob("*.pt"))}
     # online: the recipe's data.online.forward_cost_tokens; online-C: the same with C (--forward-costs);
-    # online-compiled: the target's forward compiled (--compile-target; its first steps, compiling, are in the warm-up)
+    # online-compiled: the target's forward compiled (--compile-target; its first steps, compiling, are in the warm-up);
+    # offline-grouped, online-grouped: micro-batches of similar lengths (--group-by-length)
     modes = [("offline", [f"data.dump_dirs=[{dump}]"]), ("online", online)]
     modes += [(f"online-{c}", [*online, f"data.online.forward_cost_tokens={c}"]) for c in args.forward_costs]
     if args.compile_target:
         modes.append(("online-compiled", [*online, "data.online.compile_target=true"]))
+    if args.group_by_length:  # -grouped: micro-batches of similar lengths (data.group_by_length)
+        grouped = f"data.group_by_length={args.group_by_length}"
+        modes += [("offline-grouped", [f"data.dump_dirs=[{dump}]", grouped]), ("online-grouped", [*online, grouped])]
     for mode, extra in modes:
         log(f"smollm2: {mode}")
         cfg = load_config(TrainConfig, str(RECIPE), [*common, f"output_dir={work / mode}", *extra])
@@ -119,6 +126,12 @@ def smollm2(args) -> dict:
         train(cfg, resume=False)
         out[mode] = {**steady_tokens_per_s(work / mode, args.warmup), "wall_s": round(time.perf_counter() - t0, 1)}
     out["online_vs_offline_tokens_per_s"] = round(out["online"]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
+    if args.group_by_length:  # means over the steps after the warm-up: whole epochs when --steps is two of them
+        for source in ("offline", "online"):
+            out[f"{source}_grouped_vs_plain_tokens_per_s_mean"] = round(
+                out[f"{source}-grouped"]["tokens_per_s_mean"] / out[source]["tokens_per_s_mean"], 3)
+        out["online_grouped_vs_offline_tokens_per_s_mean"] = round(
+            out["online-grouped"]["tokens_per_s_mean"] / out["offline"]["tokens_per_s_mean"], 3)
     return out
 
 
@@ -213,6 +226,8 @@ def main(argv=None) -> int:
                    help="part a: also train online with each of these data.online.forward_cost_tokens")
     p.add_argument("--compile-target", action="store_true",
                    help="part a: also train online with the target's forward compiled (data.online.compile_target)")
+    p.add_argument("--group-by-length", type=int, default=0,
+                   help="part a: also train offline and online with data.group_by_length at this many global batches")
     p.add_argument("--record", action="store_true",
                    help="write part a's tokens/s into bench/throughputs.json (the planner's measured figures)")
     args = p.parse_args(argv)

@@ -80,6 +80,12 @@ class DataSpec:
     num_anchors: int = 512  # blocks per sequence (fewer where the loss mask has fewer positions)
     micro_batch_size: int = 1
     num_workers: int = 2
+    # Batches of similar lengths: 0 takes records in the seeded shuffle as they come; K > 0 cuts the shuffle into
+    # windows of K global batches and sorts each window by record size (a length proxy: a dump record's bytes, a
+    # generated line's bytes) before cutting it into global batches again, in a seeded order within the window. A
+    # micro-batch's rows are then of similar length, so less padding is computed (the target's forward online, the
+    # draft's context), and the ranks' micro-batches of a step are alike. Each epoch still takes every record once.
+    group_by_length: int = 0
     # Records kept out of training (a fixed pseudo-random choice, the same for every seed) and scored at every
     # checkpoint on text the draft never saw: loss, accuracy and the served tau (every anchor of the first
     # `heldout_anchors` answer positions per record, walked as served decoding steps through them).
@@ -103,8 +109,8 @@ class DataSpec:
         if min(self.max_seq_len, self.num_anchors, self.micro_batch_size, self.heldout_anchors) < 1 \
                 or self.num_workers < 0:
             raise ValueError("data sizes must be positive")
-        if self.heldout_records < 0:
-            raise ValueError("data.heldout_records must be >= 0")
+        if self.heldout_records < 0 or self.group_by_length < 0:
+            raise ValueError("data.heldout_records and data.group_by_length must be >= 0")
         if self.online.heldout_inputs and (self.source != "online" or self.heldout_records):
             raise ValueError("data.online.heldout_inputs is the held-out set of data.source=online; "
                              "data.heldout_records must then be 0")

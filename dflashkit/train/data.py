@@ -196,6 +196,11 @@ class DumpSource:
     def describe(self) -> str:
         return f"dump dirs {self.cfg.data.dump_dirs}"
 
+    @staticmethod
+    def sizes(records: list[Path]) -> list[int]:
+        """Each record's bytes: its length, for data.group_by_length, without reading it."""
+        return [p.stat().st_size for p in records]
+
     def dataset(self, records: list, num_anchors: int, every_anchor: bool = False) -> DumpDataset:
         c = self.cfg
         return DumpDataset(records, self.meta, c.data.max_seq_len, num_anchors, c.seed,
@@ -279,12 +284,15 @@ def padded_features(batch: dict, key: str) -> torch.Tensor:
 
 @dataclass
 class BatchPlan:
-    """Which records each (step, rank, micro-batch) reads."""
+    """Which records each (step, rank, micro-batch) reads. With `group_windows` K > 0 and the records' `sizes`
+    (DataSpec.group_by_length), batches are of similar lengths."""
     num_records: int
     world_size: int
     micro_batch_size: int
     grad_accum: int
     seed: int
+    group_windows: int = 0
+    sizes: list[int] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -299,7 +307,20 @@ class BatchPlan:
         return steps
 
     def order(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.num_records, generator=torch.Generator().manual_seed(self.seed + epoch))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.num_records, generator=g)
+        if not self.group_windows:
+            return order
+        # Only the records the epoch uses (whole global batches) are grouped: the same ones as ungrouped.
+        used, gb = self.steps_per_epoch * self.global_batch, self.global_batch
+        sizes = torch.tensor(self.sizes)
+        grouped = []
+        for start in range(0, used, self.group_windows * gb):
+            window = order[start: min(used, start + self.group_windows * gb)]
+            window = window[torch.sort(sizes[window], descending=True, stable=True).indices]
+            batches = window.view(-1, gb)  # consecutive sizes: every rank's rows of a step alike
+            grouped.append(batches[torch.randperm(batches.shape[0], generator=g)].flatten())
+        return torch.cat([*grouped, order[used:]])
 
     def micro_batches(self, epoch: int, first_step: int, rank: int) -> list[list[tuple[int, int]]]:
         """Rank `rank`'s micro-batches from step `first_step` of `epoch` to the epoch's end, grad_accum per step;

@@ -293,10 +293,14 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     head = source.head()
     trainer = Trainer(cfg, d, meta["final_state"], dcfg, head, resuming=resume and latest is not None)
     o = cfg.optim
-    plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed)
+    grouped = cfg.data.group_by_length
+    plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed, grouped,
+                          source.sizes(paths) if grouped else None)
     position = {"num_records": plan.num_records, "global_batch": plan.global_batch, "seed": cfg.seed}
     if cfg.data.source != "dump":
         position["source"] = cfg.data.source
+    if grouped:  # a different grouping is a different data order: resuming checks it as it checks the seed
+        position["group_by_length"] = grouped
     dataset = source.dataset(paths, cfg.data.num_anchors)
     bad = BadRecords(dataset, cfg.data.max_bad_records)
     total = o.max_steps or o.epochs * plan.steps_per_epoch

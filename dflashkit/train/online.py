@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ class LineRef:
     offset: int
     lineno: int
     id: str
+    size: int  # the line's bytes: its length, for data.group_by_length
 
 
 def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
@@ -73,7 +75,7 @@ def index_generated(inputs: list[str]) -> tuple[list[Path], list[LineRef]]:
             files.append(path)
             for offset, lineno, raw in _lines(path):
                 rec = generated_record(*parse_line(raw, f"{path.name}:{lineno}"), len(found))
-                found.append(LineRef(len(files) - 1, offset, lineno, rec.id))
+                found.append(LineRef(len(files) - 1, offset, lineno, rec.id, len(raw)))
         refs += sorted(found, key=lambda r: r.id + ".pt")  # as list_dump_records sorts `<id>.pt`
     if not refs:
         raise ValueError(f"data.online.inputs {inputs} hold no records")
@@ -254,7 +256,7 @@ class OnlineSource:
         self.heldout = None  # None: drawn from the records (data.heldout_records)
         if o.heldout_inputs:
             files, refs = index_generated(o.heldout_inputs)
-            self.heldout = [LineRef(r.file + len(self.files), r.offset, r.lineno, r.id) for r in refs]
+            self.heldout = [dataclasses.replace(r, file=r.file + len(self.files)) for r in refs]
             self.files += files
         self.template = read_template(o.chat_template) if o.chat_template else None  # None: the tokenizer's own
         # What the workers will render with, checked once here: no template at all stops the run before it starts.
@@ -264,6 +266,10 @@ class OnlineSource:
         self.target = TargetFeatures(model if model is not None else cfg.target_model, self.meta, device, dtype,
                                      with_final=cfg.loss.kd_weight > 0, forward_cost=o.forward_cost_tokens,
                                      compile=o.compile_target)
+
+    @staticmethod
+    def sizes(records: list[LineRef]) -> list[int]:
+        return [r.size for r in records]
 
     def describe(self) -> str:
         o = self.cfg.data.online

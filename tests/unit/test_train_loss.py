@@ -133,6 +133,34 @@ def test_global_batch_is_the_same_however_it_is_split():
     assert resumed == two.micro_batches(1, 0, 1)[3 * 2:]
 
 
+def padded_positions(plan: BatchPlan, sizes: list[int], epoch: int) -> int:
+    """What the epoch's micro-batches pad to: each one's rows x its longest row."""
+    return sum(len(mb) * max(sizes[i] for i, _ in mb) for r in range(plan.world_size)
+               for mb in plan.micro_batches(epoch, 0, r))
+
+
+def test_grouped_batches_take_the_same_records_once_with_less_padding():
+    g = torch.Generator().manual_seed(0)
+    sizes = (torch.rand(203, generator=g) ** 3 * 2000 + 20).long().tolist()  # ShareGPT-like: most short
+    kw = {"num_records": 203, "world_size": 2, "micro_batch_size": 4, "grad_accum": 2, "seed": 5}
+    plain, grouped = BatchPlan(**kw), BatchPlan(**kw, group_windows=4, sizes=sizes)
+    for epoch in (0, 1):
+        order, base = grouped.order(epoch).tolist(), plain.order(epoch).tolist()
+        assert order == grouped.order(epoch).tolist()  # a function of (seed, epoch)
+        used = grouped.steps_per_epoch * grouped.global_batch  # 12 steps of 16: the same 192 records, the rest after
+        assert sorted(order[:used]) == sorted(base[:used]) and order[used:] == base[used:]
+        window = 4 * grouped.global_batch  # records move only within their window of 4 global batches
+        for start in range(0, used, window):
+            assert sorted(order[start:start + window]) == sorted(base[start:start + window])
+        # a global batch is a run of the window sorted by size: its rows are alike, whichever rank reads them
+        for step in range(grouped.steps_per_epoch):
+            rows = order[step * 16:(step + 1) * 16]
+            assert [sizes[i] for i in rows] == sorted((sizes[i] for i in rows), reverse=True)
+        assert padded_positions(grouped, sizes, epoch) < 0.6 * padded_positions(plain, sizes, epoch)
+    assert grouped.order(0).tolist() != grouped.order(1).tolist()
+    assert grouped.micro_batches(1, 5, 1) == grouped.micro_batches(1, 0, 1)[5 * 2:]  # resume mid-epoch
+
+
 def test_dump_dirs_with_other_layers_or_conventions_are_refused(tmp_path):
     from dflashkit.dump.format import FORMAT_VERSION, save_dump_record, write_meta
     from dflashkit.model.layers import CONVENTION

@@ -1,0 +1,81 @@
+"""How much of what a micro-batch computes is padding, with and without `data.group_by_length` (CPU, seconds).
+
+    python bench/batch_padding.py --records sharegpt.jsonl --tokenizer MODEL_DIR [--micro-batch 32] [--windows 0 4 16]
+
+Reads the first --count conversations of a .jsonl (generate records, or ShareGPT / OpenAI layout) that start with a
+user turn, and tokenizes each whole conversation, as training does (--turns 2: its first turn and reply only, as
+bench/online_vs_offline.py's records), with the tokenizer's chat template (cut at --max-seq-len). For each K
+of --windows it lays out one epoch's micro-batches as the trainer does (`dflashkit.train.data.BatchPlan`, K = 0:
+ungrouped), the records sized as the online source sizes them (the line's bytes) and, for comparison, by their
+exact token counts (what a dump record's bytes follow). Prints one JSON line per K and size: the real share of the
+positions a forward cut to each micro-batch's longest row computes (`real_of_longest`: the online target's forward)
+and of the power-of-two padded length the draft sees (`real_of_padded`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from dflashkit.formats import BadRecord, read_conversation
+from dflashkit.train.data import BatchPlan, padded_length
+
+
+def records(path: str, count: int, tokenizer, max_seq_len: int, turns: int) -> tuple[list[int], list[int]]:
+    """(token lengths, line bytes) of the first `count` conversations that start with a user turn and a reply."""
+    lengths, sizes = [], []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                conversation = read_conversation(json.loads(raw))
+            except (BadRecord, ValueError):
+                continue
+            if len(conversation) < 2 or (conversation[0].role, conversation[1].role) != ("user", "assistant"):
+                continue
+            kept = conversation[:turns] if turns else conversation
+            messages = [{"role": t.role, "content": t.content} for t in kept]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            lengths.append(min(max_seq_len, len(ids)))
+            # the line the online source would index: the raw one, or a generate record of the kept turns
+            sizes.append(len(raw) if not turns else len(json.dumps({"messages": messages}, ensure_ascii=False).encode()))
+            if len(lengths) == count:
+                break
+    return lengths, sizes
+
+
+def shares(plan: BatchPlan, lengths: list[int]) -> dict:
+    real = longest = padded = 0
+    for mb in plan.micro_batches(0, 0, 0):
+        rows = [lengths[i] for i, _ in mb]
+        real += sum(rows)
+        longest += len(rows) * max(rows)
+        padded += len(rows) * padded_length(max(rows))
+    return {"real_of_longest": round(real / longest, 3), "real_of_padded": round(real / padded, 3)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", required=True, help=".jsonl of conversations")
+    p.add_argument("--tokenizer", required=True, help="model dir or tokenizer name")
+    p.add_argument("--count", type=int, default=1280)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--windows", type=int, nargs="+", default=[0, 4, 16])
+    p.add_argument("--turns", type=int, default=0, help="the first N turns of each conversation (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    lengths, sizes = records(args.records, args.count, AutoTokenizer.from_pretrained(args.tokenizer),
+                             args.max_seq_len, args.turns)
+    for k in args.windows:
+        for proxy, by in (("line bytes", sizes), ("exact tokens", lengths)):
+            if k == 0 and proxy == "exact tokens":
+                continue  # ungrouped: no size is read
+            plan = BatchPlan(len(lengths), 1, args.micro_batch, 1, args.seed, k, by if k else None)
+            print(json.dumps({"group_by_length": k, "sized_by": proxy if k else None, "records": len(lengths),
+                              "turns": args.turns or "all", "micro_batch": args.micro_batch, **shares(plan, lengths)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
