@@ -15,30 +15,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from dflashkit.formats import BadRecord, read_conversation
+from online_vs_offline import replied_conversations  # bench/: its records' reader
+
 from dflashkit.train.data import BatchPlan, padded_length
 
 
-def records(path: str, count: int, tokenizer, max_seq_len: int, turns: int) -> tuple[list[int], list[int]]:
+def records(path: Path, count: int, tokenizer, max_seq_len: int, turns: int) -> tuple[list[int], list[int]]:
     """(token lengths, line bytes) of the first `count` conversations that start with a user turn and a reply."""
     lengths, sizes = [], []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                conversation = read_conversation(json.loads(raw))
-            except (BadRecord, ValueError):
-                continue
-            if len(conversation) < 2 or (conversation[0].role, conversation[1].role) != ("user", "assistant"):
-                continue
-            kept = conversation[:turns] if turns else conversation
-            messages = [{"role": t.role, "content": t.content} for t in kept]
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-            lengths.append(min(max_seq_len, len(ids)))
-            # the line the online source would index: the raw one, or a generate record of the kept turns
-            sizes.append(len(raw) if not turns else len(json.dumps({"messages": messages}, ensure_ascii=False).encode()))
-            if len(lengths) == count:
-                break
+    for raw, conversation in replied_conversations(path):
+        kept = conversation[:turns] if turns else conversation
+        messages = [{"role": t.role, "content": t.content} for t in kept]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        lengths.append(min(max_seq_len, len(ids)))
+        # the line the online source would index: the raw one, or a generate record of the kept turns
+        sizes.append(len(raw) if not turns else len(json.dumps({"messages": messages}, ensure_ascii=False).encode()))
+        if len(lengths) == count:
+            break
     return lengths, sizes
 
 
@@ -54,7 +49,7 @@ def shares(plan: BatchPlan, lengths: list[int]) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--records", required=True, help=".jsonl of conversations")
+    p.add_argument("--records", type=Path, required=True, help=".jsonl of conversations")
     p.add_argument("--tokenizer", required=True, help="model dir or tokenizer name")
     p.add_argument("--count", type=int, default=1280)
     p.add_argument("--max-seq-len", type=int, default=2048)

@@ -44,30 +44,36 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "train" / "smollm2-quality.yaml"
 
 
-def write_records(prompts: Path, count: int, out: Path) -> int:
-    """The first `count` conversations of `prompts` (ShareGPT or OpenAI layout, e.g. the prepared sharegpt.jsonl or
-    generate output) whose first turns are a user turn and a reply, as generate records of those two turns."""
+def replied_conversations(path: Path):
+    """(line, turns) of each conversation of a .jsonl (ShareGPT or OpenAI layout, e.g. the prepared sharegpt.jsonl or
+    generate output) whose first turns are a user turn and a reply."""
     from dflashkit.formats import BadRecord, read_conversation
 
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    with open(prompts, encoding="utf-8") as f:
-        for line in f:
+    with open(path, "rb") as f:
+        for raw in f:
             try:
-                turns = read_conversation(json.loads(line))
+                turns = read_conversation(json.loads(raw))
             except (BadRecord, ValueError):
                 continue
-            if len(turns) < 2 or (turns[0].role, turns[1].role) != ("user", "assistant"):
-                continue
-            i = len(lines)
-            lines.append(json.dumps({
-                "id": f"conv-{i:06d}",
-                "messages": [{"role": t.role, "content": t.content} for t in turns[:2]],
-                "thinking_mode": "disabled",
-                "generation": {"model": "smollm2", "chat_template_kwargs": {"thinking_mode": "disabled"},
-                               "turns": [{"finish_reason": "stop"}], "truncated": False, "repairs": [], "index": i}}))
-            if len(lines) == count:
-                break
+            if len(turns) >= 2 and (turns[0].role, turns[1].role) == ("user", "assistant"):
+                yield raw, turns
+
+
+def write_records(prompts: Path, count: int, out: Path) -> int:
+    """The first `count` conversations of `prompts` (`replied_conversations`) as generate records of their first
+    two turns."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _, turns in replied_conversations(prompts):
+        i = len(lines)
+        lines.append(json.dumps({
+            "id": f"conv-{i:06d}",
+            "messages": [{"role": t.role, "content": t.content} for t in turns[:2]],
+            "thinking_mode": "disabled",
+            "generation": {"model": "smollm2", "chat_template_kwargs": {"thinking_mode": "disabled"},
+                           "turns": [{"finish_reason": "stop"}], "truncated": False, "repairs": [], "index": i}}))
+        if len(lines) == count:
+            break
     if not lines:
         raise SystemExit(f"{prompts}: no conversation with a user turn and a reply")
     (out / "shard-00000-of-00001.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
