@@ -6,8 +6,9 @@ Reads the first --count conversations of a .jsonl (generate records, or ShareGPT
 user turn, and tokenizes each whole conversation, as training does (--turns 2: its first turn and reply only, as
 bench/online_vs_offline.py's records), with the tokenizer's chat template (cut at --max-seq-len). For each K
 of --windows it lays out one epoch's micro-batches as the trainer does (`dflashkit.train.data.BatchPlan`, K = 0:
-ungrouped), the records sized as the online source sizes them (the line's bytes) and, for comparison, by their
-exact token counts (what a dump record's bytes follow). Prints one JSON line per K and size: the real share of the
+ungrouped), the records sized by their token counts (what the online source reads from a generate record's counts,
+and what a dump record's bytes follow) and by their line's bytes (the online source's fallback for records without
+counts). Prints one JSON line per K and size: the real share of the
 positions a forward cut to each micro-batch's longest row computes (`real_of_longest`: the online target's forward)
 and of the power-of-two padded length the draft sees (`real_of_padded`).
 """
@@ -63,8 +64,8 @@ def main(argv=None) -> int:
     lengths, sizes = records(args.records, args.count, AutoTokenizer.from_pretrained(args.tokenizer),
                              args.max_seq_len, args.turns)
     for k in args.windows:
-        for proxy, by in (("line bytes", sizes), ("exact tokens", lengths)):
-            if k == 0 and proxy == "exact tokens":
+        for proxy, by in (("token counts", lengths), ("line bytes", sizes)):
+            if k == 0 and proxy == "line bytes":
                 continue  # ungrouped: no size is read
             plan = BatchPlan(len(lengths), 1, args.micro_batch, 1, args.seed, k, by if k else None)
             print(json.dumps({"group_by_length": k, "sized_by": proxy if k else None, "records": len(lengths),

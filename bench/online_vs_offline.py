@@ -59,19 +59,23 @@ def replied_conversations(path: Path):
                 yield raw, turns
 
 
-def write_records(prompts: Path, count: int, out: Path) -> int:
+def write_records(prompts: Path, count: int, out: Path, tokenizer) -> int:
     """The first `count` conversations of `prompts` (`replied_conversations`) as generate records of their first
-    two turns."""
+    two turns, with the token counts a server reports (`tokenizer`'s chat template; data.group_by_length reads them)."""
     out.mkdir(parents=True, exist_ok=True)
     lines = []
     for _, turns in replied_conversations(prompts):
         i = len(lines)
+        messages = [{"role": t.role, "content": t.content} for t in turns[:2]]
+        prompt = len(tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=True)
+                     ["input_ids"])
+        whole = len(tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"])
         lines.append(json.dumps({
-            "id": f"conv-{i:06d}",
-            "messages": [{"role": t.role, "content": t.content} for t in turns[:2]],
-            "thinking_mode": "disabled",
+            "id": f"conv-{i:06d}", "messages": messages, "thinking_mode": "disabled",
             "generation": {"model": "smollm2", "chat_template_kwargs": {"thinking_mode": "disabled"},
-                           "turns": [{"finish_reason": "stop"}], "truncated": False, "repairs": [], "index": i}}))
+                           "turns": [{"finish_reason": "stop", "prompt_tokens": prompt,
+                                      "completion_tokens": whole - prompt}],
+                           "truncated": False, "repairs": [], "index": i}}))
         if len(lines) == count:
             break
     if not lines:
@@ -102,7 +106,9 @@ def smollm2(args) -> dict:
     work = args.work
     gen, dump = work / "gen", work / "dump"
     shutil.rmtree(work, ignore_errors=True)
-    n = write_records(args.prompts, args.records, gen)
+    from transformers import AutoTokenizer
+
+    n = write_records(args.prompts, args.records, gen, AutoTokenizer.from_pretrained(args.model))
     t0 = time.perf_counter()
     log(f"smollm2: dumping {n} records")
     assert dump_main(["--backend", "hf", "--model", str(args.model), "--input", str(gen), "--output-dir", str(dump),

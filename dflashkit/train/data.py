@@ -198,7 +198,7 @@ class DumpSource:
 
     @staticmethod
     def sizes(records: list[Path]) -> list[int]:
-        """Each record's bytes: its length, for data.group_by_length, without reading it."""
+        """Each record's bytes (in proportion to its tokens): its length, for data.group_by_length, unread."""
         return [p.stat().st_size for p in records]
 
     def dataset(self, records: list, num_anchors: int, every_anchor: bool = False) -> DumpDataset:

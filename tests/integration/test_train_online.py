@@ -209,6 +209,19 @@ def test_index_reads_every_line_of_files_and_dirs(tmp_path):
     assert one == refs
 
 
+def test_record_sizes_are_the_generate_token_counts_else_bytes():
+    """data.group_by_length's size of a generated line: its last turn's prompt + completion tokens (the whole
+    conversation as served), or, without usable counts, its bytes / 4."""
+    raw = b"x" * 400
+    counted = {"generation": {"turns": [{"prompt_tokens": 10, "completion_tokens": 5},
+                                        {"prompt_tokens": 40, "completion_tokens": 7}]}}
+    assert online.record_size(counted, raw) == 47
+    for broken in (None, {}, {"generation": None}, {"generation": {"turns": []}},
+                   {"generation": {"turns": [{"prompt_tokens": 3, "completion_tokens": None}]}},
+                   {"generation": {"turns": ["x"]}}):
+        assert online.record_size(broken, raw) == 100
+
+
 def test_length_groups_trade_padding_against_forwards():
     """Rows sorted longest first and cut where the padding saved pays for another forward; every row once."""
     lengths = [100, 2000, 120, 1900, 110, 2048]
