@@ -1,6 +1,7 @@
 """How much of what a micro-batch computes is padding, with and without `data.group_by_length` (CPU, seconds).
 
     python bench/batch_padding.py --records sharegpt.jsonl --tokenizer MODEL_DIR [--micro-batch 32] [--windows 0 4 16]
+    python bench/batch_padding.py --answers bench/data/smollm2-*-answers*.jsonl.xz
 
 Reads the first --count conversations of a .jsonl (generate records, or ShareGPT / OpenAI layout) that start with a
 user turn, and tokenizes each whole conversation, as training does (--turns 2: its first turn and reply only, as
@@ -10,7 +11,8 @@ ungrouped), the records sized by their token counts (what the online source read
 and what a dump record's bytes follow) and by their line's bytes (the online source's fallback for records without
 counts). Prints one JSON line per K and size: the real share of the
 positions a forward cut to each micro-batch's longest row computes (`real_of_longest`: the online target's forward)
-and of the power-of-two padded length the draft sees (`real_of_padded`).
+and of the power-of-two padded length the draft sees (`real_of_padded`). --answers reads the lengths the generation
+recorded in packed answers files instead (no tokenizer; the sizes the online source reads).
 """
 from __future__ import annotations
 
@@ -48,28 +50,46 @@ def shares(plan: BatchPlan, lengths: list[int]) -> dict:
     return {"real_of_longest": round(real / longest, 3), "real_of_padded": round(real / padded, 3)}
 
 
+def answered(paths: list[Path], max_seq_len: int) -> list[int]:
+    """Token lengths of the conversations of packed answers files (bench/data), as their generation counted them."""
+    from dflashkit.generate.answers import read_answers
+    from dflashkit.train.online import record_size
+
+    return [min(max_seq_len, record_size({"generation": {"turns": row["turns"]}}, b""))
+            for path in paths for row in read_answers(path)[1].values() if row["turns"]]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--records", type=Path, required=True, help=".jsonl of conversations")
-    p.add_argument("--tokenizer", required=True, help="model dir or tokenizer name")
-    p.add_argument("--count", type=int, default=1280)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--records", type=Path, help=".jsonl of conversations (with --tokenizer)")
+    source.add_argument("--answers", type=Path, nargs="+",
+                        help="packed answers files (bench/data): their recorded token counts, no tokenizer")
+    p.add_argument("--tokenizer", help="model dir or tokenizer name (--records)")
+    p.add_argument("--count", type=int, default=1280, help="--records: the first this many conversations")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--windows", type=int, nargs="+", default=[0, 4, 16])
-    p.add_argument("--turns", type=int, default=0, help="the first N turns of each conversation (0: all)")
+    p.add_argument("--turns", type=int, default=0, help="--records: the first N turns of each conversation (0: all)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from transformers import AutoTokenizer
+    if args.records:
+        if not args.tokenizer:
+            p.error("--records needs --tokenizer")
+        from transformers import AutoTokenizer
 
-    lengths, sizes = records(args.records, args.count, AutoTokenizer.from_pretrained(args.tokenizer),
-                             args.max_seq_len, args.turns)
+        lengths, sizes = records(args.records, args.count, AutoTokenizer.from_pretrained(args.tokenizer),
+                                 args.max_seq_len, args.turns)
+        proxies = {"token counts": lengths, "line bytes": sizes}
+    else:
+        lengths = answered(args.answers, args.max_seq_len)
+        proxies = {"token counts": lengths}
     for k in args.windows:
-        for proxy, by in (("token counts", lengths), ("line bytes", sizes)):
-            if k == 0 and proxy == "line bytes":
-                continue  # ungrouped: no size is read
-            plan = BatchPlan(len(lengths), 1, args.micro_batch, 1, args.seed, k, by if k else None)
-            print(json.dumps({"group_by_length": k, "sized_by": proxy if k else None, "records": len(lengths),
-                              "turns": args.turns or "all", "micro_batch": args.micro_batch, **shares(plan, lengths)}), flush=True)
+        for proxy, by in proxies.items() if k else [(None, None)]:  # ungrouped: no size is read
+            plan = BatchPlan(len(lengths), 1, args.micro_batch, 1, args.seed, k, by)
+            print(json.dumps({"group_by_length": k, "sized_by": proxy, "records": len(lengths),
+                              "turns": "all" if args.answers or not args.turns else args.turns,
+                              "micro_batch": args.micro_batch, **shares(plan, lengths)}), flush=True)
     return 0
 
 
