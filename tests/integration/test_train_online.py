@@ -123,19 +123,22 @@ def test_online_training_gives_the_offline_losses(generated, hf_dump, tmp_path):
         assert on[step]["acc_per_pos"] == off[step]["acc_per_pos"]
 
 
-def test_grouped_by_length_an_epoch_reads_the_same_records_and_resumes_only_so(generated, tmp_path):
-    """data.group_by_length from the generated lines' sizes: the epoch's 8 records, in other batches; the grouping
-    is part of the data position a resume checks."""
+@pytest.mark.parametrize("source", ["online", "dump"])
+def test_grouped_by_length_an_epoch_reads_the_same_records_and_resumes_only_so(generated, hf_dump, tmp_path,
+                                                                               source):
+    """data.group_by_length from the records' sizes (generate counts or line bytes online, .pt bytes offline): the
+    epoch's 8 records, in other batches; the grouping is part of the data position a resume checks."""
     epoch = {"optim__max_steps": 0, "optim__epochs": 1, "checkpoint_every": 2}
-    assert train(recipe(tmp_path / "plain", gen=generated, **epoch), resume=False) == 0
-    grouped = recipe(tmp_path / "grouped", gen=generated, data__group_by_length=2, **epoch)
+    records = {"gen": generated} if source == "online" else {"dump": hf_dump}
+    assert train(recipe(tmp_path / "plain", **records, **epoch), resume=False) == 0
+    grouped = recipe(tmp_path / "grouped", **records, data__group_by_length=2, **epoch)
     assert train(grouped, resume=False) == 0
     plain, by_length = metrics(tmp_path / "plain"), metrics(tmp_path / "grouped")
     assert sorted(plain) == sorted(by_length) == [1, 2, 3, 4]
     assert sum(r["tokens"] for r in plain.values()) == sum(r["tokens"] for r in by_length.values())
     assert [r["tokens"] for r in plain.values()] != [r["tokens"] for r in by_length.values()]
     with pytest.raises(SystemExit, match="data position"):
-        train(recipe(tmp_path / "grouped", gen=generated, **epoch), resume=True)
+        train(recipe(tmp_path / "grouped", **records, **epoch), resume=True)
 
 
 def test_online_bad_records_are_skipped_counted_and_limited(tmp_path, caplog):
