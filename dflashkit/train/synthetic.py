@@ -16,11 +16,11 @@ def synthetic_batch(*, micro: int, seq: int, width: int, anchors: int, vocab: in
     g = torch.Generator().manual_seed(seed)
     items = []
     for i in range(micro):
-        seq = lengths[i % len(lengths)] if lengths else seq
-        loss_mask = torch.zeros(seq, dtype=torch.uint8)
-        loss_mask[seq // 4:] = 1
+        n = lengths[i % len(lengths)] if lengths else seq
+        loss_mask = torch.zeros(n, dtype=torch.uint8)
+        loss_mask[n // 4:] = 1
         a, valid = sample_anchors(loss_mask, anchors, anchor_generator(seed, 0, i))
-        items.append({"input_ids": torch.randint(0, vocab, (seq,), generator=g),
-                      "aux_hidden_states": torch.randn(seq, width, generator=g).to(torch.bfloat16),
-                      "loss_mask": loss_mask, "anchors": a, "anchor_valid": valid, "length": torch.tensor(seq)})
+        items.append({"input_ids": torch.randint(0, vocab, (n,), generator=g),
+                      "aux_hidden_states": torch.randn(n, width, generator=g).to(torch.bfloat16),
+                      "loss_mask": loss_mask, "anchors": a, "anchor_valid": valid, "length": torch.tensor(n)})
     return collate(items, block_size)
