@@ -83,9 +83,9 @@ class DataSpec:
     # Batches of similar lengths: 0 takes records in the seeded shuffle as they come; K > 0 cuts the shuffle into
     # windows of K global batches and sorts each window by record size (a dump record's bytes; a generated record's
     # token counts, else its line's bytes) before cutting it into global batches again, in a seeded order within the
-    # window. A
-    # micro-batch's rows are then of similar length, so less padding is computed (the target's forward online, the
-    # draft's context), and the ranks' micro-batches of a step are alike. Each epoch still takes every record once.
+    # window. A micro-batch's rows are then of similar length, so less padding is computed (the target's forward
+    # online, the draft's context), and the ranks' micro-batches of a step are alike. Each epoch still takes every
+    # record once.
     group_by_length: int = 0
     # Records kept out of training (a fixed pseudo-random choice, the same for every seed) and scored at every
     # checkpoint on text the draft never saw: loss, accuracy and the served tau (every anchor of the first

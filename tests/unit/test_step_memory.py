@@ -13,12 +13,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dflashkit.model import TargetHead
 from dflashkit.model.dspark import DSparkConfig
 from dflashkit.train import data, loss
-from dflashkit.train.config import DataSpec, DraftSpec, TrainConfig
-from dflashkit.train.distributed import Dist
-from dflashkit.train.loop import Trainer
 from tests.helpers.train import tiny_config
 from tests.unit.test_train_perf import batch, trainer
 
@@ -80,13 +76,7 @@ def kind_trainer(kind: str):
     if kind == "dflash":
         return cfg, trainer(cfg)
     cfg = DSparkConfig(**dataclasses.asdict(cfg), markov_rank=8)
-    tc = TrainConfig(target_model="unused", output_dir="unused", data=DataSpec(dump_dirs=["unused"]),
-                     model=DraftSpec(kind="dspark", num_layers=cfg.num_hidden_layers, block_size=cfg.block_size,
-                                     mask_token_id=cfg.mask_token_id, markov_rank=8))
-    g = torch.Generator().manual_seed(7)
-    h, v = cfg.hidden_size, cfg.vocab_size
-    head = TargetHead(torch.randn(v, h, generator=g), torch.randn(v, h, generator=g), torch.ones(h), 1e-6)
-    return cfg, Trainer(tc, Dist(), "pre_norm", cfg, head)
+    return cfg, trainer(cfg, model={"kind": "dspark", "markov_rank": 8})
 
 
 def trained(kind: str, lengths: tuple, steps: int = 3):

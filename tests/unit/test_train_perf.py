@@ -37,9 +37,10 @@ def batch(cfg, lengths=(40, 29), anchors=6, seed=0, label_width=None) -> dict:
     return collate(items, label_width or cfg.block_size)  # DSpark's labels are block_size + 1 wide
 
 
-def trainer(cfg, **options) -> Trainer:
+def trainer(cfg, model: dict | None = None, **options) -> Trainer:
+    """A trainer of the tiny draft `cfg` over a random head; `model`: more DraftSpec fields (a DSpark draft's)."""
     tc = TrainConfig(target_model="unused", output_dir="unused", model=DraftSpec(num_layers=cfg.num_hidden_layers,
-                     block_size=cfg.block_size, mask_token_id=cfg.mask_token_id),
+                     block_size=cfg.block_size, mask_token_id=cfg.mask_token_id, **(model or {})),
                      data=DataSpec(dump_dirs=["unused"]), **options)
     g = torch.Generator().manual_seed(7)
     h, v = cfg.hidden_size, cfg.vocab_size
