@@ -85,7 +85,7 @@ class DataSpec:
     # token counts, else its line's bytes) before cutting it into global batches again, in a seeded order within the
     # window. A micro-batch's rows are then of similar length, so less padding is computed (the target's forward
     # online, the draft's context), and the ranks' micro-batches of a step are alike. Each epoch still takes every
-    # record once.
+    # record once. Off by default: on SmolLM2 it cost 0.125 held-out tau and was no faster (BENCHMARKS.md).
     group_by_length: int = 0
     # Records kept out of training (a fixed pseudo-random choice, the same for every seed) and scored at every
     # checkpoint on text the draft never saw: loss, accuracy and the served tau (every anchor of the first
