@@ -195,7 +195,7 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
         [[ -n ${OVO_PROMPTS:-} ]] || { stamp "ovo skipped: no OVO_PROMPTS"; continue; }
         stamp ovo-smollm2
         timeout "$(limit 0)" python bench/online_vs_offline.py --parts smollm2 --model "$W/smollm2" \
-            --prompts "$OVO_PROMPTS" --work "$W/ovo" --group-by-length 16 --steps 80 --warmup 40 > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
+            --prompts "$OVO_PROMPTS" --work "$W/ovo" --group-by-length 16 --steps 80 --warmup 40 --profile-steps 3 > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
         rm -rf "$W/ovo/dump" ;;
     m3)
         for flags in "" "--activation-checkpointing"; do

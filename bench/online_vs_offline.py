@@ -7,7 +7,10 @@
     generation is needed. tokens/s: dump positions per second over the steps after --warmup (metrics.jsonl).
     `--group-by-length K` adds both sources with data.group_by_length K; grouped steps differ in size by design,
     so compare their `tokens_per_s_mean` over whole epochs: --warmup one epoch, --steps two (1,280 records at
-    micro-batch 32: --steps 80 --warmup 40).
+    micro-batch 32: --steps 80 --warmup 40). `--profile-steps K` runs K more steps in every mode under the trainer's
+    profiler (`profile.start`), left out of the figures; each mode's row gains the profile's per-part summary
+    (host vs device time of the batch wait, the step and the target's forward; the whole table and trace stay in
+    WORK/MODE/profile).
 (b) `qwen3-8b`: bench/train_step.py's synthetic step at Qwen3-8B dims (its `qwen3-8b` preset), offline (the batch
     carries the states) vs online (a randomly initialized Qwen3-8B-shaped target, bf16, computes them first):
     median step time and peak memory of each.
@@ -85,12 +88,12 @@ def write_records(prompts: Path, count: int, out: Path, tokenizer) -> int:
     return len(lines)
 
 
-def steady_tokens_per_s(run_dir: Path, warmup: int) -> dict:
+def steady_tokens_per_s(run_dir: Path, warmup: int, last: int) -> dict:
     """Over the steps after `warmup`: the median of the steps' tokens/s (robust to a step that compiles a kernel for a
     new padded length: the modes run in one process, so only the first pays each compilation), the mean (all tokens
-    over all time), the median step time and the peak memory."""
+    over all time), the median step time and the peak memory; steps after `last` (profiled) are left out."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["step"] > warmup]
+    rows = [r for r in rows if warmup < r["step"] <= last]
     return {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows)),
             "tokens_per_s_mean": round(sum(r["tokens"] for r in rows) / sum(r["step_time_s"] for r in rows)),
             "median_step_s": round(statistics.median(r["step_time_s"] for r in rows), 4),
@@ -115,7 +118,9 @@ def smollm2(args) -> dict:
                       "--chat-template", "smollm2-thinking-train", "--num-draft-layers", "5", "--dtype", "bfloat16",
                       "--max-seq-len", str(args.max_seq_len), "--length-policy", "truncate", "--no-progress"]) == 0
     dump_s = time.perf_counter() - t0
-    common = [f"target_model={args.model}", f"optim.max_steps={args.steps}", "data.heldout_records=0",
+    profiled = [f"profile.start={args.steps + 1}", f"profile.steps={args.profile_steps}"] if args.profile_steps else []
+    common = [f"target_model={args.model}", f"optim.max_steps={args.steps + args.profile_steps}", *profiled,
+              "data.heldout_records=0",
               "checkpoint_every=1000000", "log_every=1", f"data.max_seq_len={args.max_seq_len}", *args.train_overrides]
     online = ["data.source=online", f"data.online.inputs=[{gen}]", "data.online.chat_template=smollm2-thinking-train",
               "data.online.length_policy=truncate"]
@@ -136,7 +141,12 @@ def smollm2(args) -> dict:
         cfg = load_config(TrainConfig, str(RECIPE), [*common, f"output_dir={work / mode}", *extra])
         t0 = time.perf_counter()
         train(cfg, resume=False)
-        out[mode] = {**steady_tokens_per_s(work / mode, args.warmup), "wall_s": round(time.perf_counter() - t0, 1)}
+        out[mode] = {**steady_tokens_per_s(work / mode, args.warmup, args.steps),
+                     "wall_s": round(time.perf_counter() - t0, 1)}
+        if args.profile_steps:  # its summary lines: ms a step, then host vs device time of each labelled part
+            table = work / mode / "profile" / "rank0.txt"  # absent if it could not be written (the log says why)
+            lines = table.read_text().splitlines() if table.exists() else ["ops over: not written"]
+            out[mode]["profile"] = lines[:lines.index(next(x for x in lines if x.startswith("ops over")))]
     out["online_vs_offline_tokens_per_s"] = round(out["online"]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
     if args.group_by_length:  # means over the steps after the warm-up: whole epochs when --steps is two of them
         for source in ("offline", "online"):
@@ -240,6 +250,8 @@ def main(argv=None) -> int:
                    help="part a: also train online with the target's forward compiled (data.online.compile_target)")
     p.add_argument("--group-by-length", type=int, default=0,
                    help="part a: also train offline and online with data.group_by_length at this many global batches")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="part a: this many more steps in every mode under the trainer's profiler, left out of the figures")
     p.add_argument("--record", action="store_true",
                    help="write part a's tokens/s into bench/throughputs.json (the planner's measured figures)")
     args = p.parse_args(argv)

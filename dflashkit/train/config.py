@@ -157,6 +157,18 @@ class LossSpec:
 
 
 @dataclass
+class ProfileSpec:
+    # torch.profiler over `steps` optimizer steps from step `start` (as logged, from 1; 0 = off): a Chrome trace and
+    # a table of host and device time per labelled part and per op in output_dir/profile/ (dflashkit/train/profile.py).
+    start: int = 0
+    steps: int = 3
+
+    def validate(self) -> None:
+        if self.start < 0 or self.steps < 1:
+            raise ValueError("profile.start must be >= 0 and profile.steps >= 1")
+
+
+@dataclass
 class TrainConfig:
     # HF folder of the target: only embed_tokens, lm_head and the final norm are read (and the decoder layers of
     # model.init_from_target_layers)
@@ -166,6 +178,7 @@ class TrainConfig:
     data: DataSpec = field(default_factory=DataSpec)
     optim: OptimSpec = field(default_factory=OptimSpec)
     loss: LossSpec = field(default_factory=LossSpec)
+    profile: ProfileSpec = field(default_factory=ProfileSpec)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     attention: Literal["auto", "flex", "sdpa"] = "auto"  # auto: flex_attention on CUDA, dense SDPA elsewhere
@@ -192,5 +205,5 @@ class TrainConfig:
             raise ValueError("target_model and output_dir must be set")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every, keep_checkpoints and log_every must be >= 1")
-        for part in (self.model, self.data, self.optim, self.loss):  # defaults are not checked on their own
+        for part in (self.model, self.data, self.optim, self.loss, self.profile):  # defaults are not checked alone
             part.validate()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.profiler import record_function
 
 from dflashkit.config import ConfigError, load_config, to_dict
 from dflashkit.model import KINDS, DFlashConfig, TargetHead
@@ -31,6 +32,7 @@ from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
 from dflashkit.train.loss import block_loss, normalizer, served_walk, summarize
 from dflashkit.train.metrics import MetricsLog
 from dflashkit.train.objectives import OBJECTIVES
+from dflashkit.train.profile import StepProfiler
 
 log = logging.getLogger(__name__)
 SOURCES = {"dump": data.DumpSource, "online": online.OnlineSource}  # data.source -> where records and states come from
@@ -334,18 +336,23 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     # Logged figures cover the interval since the previous logged step (checkpoints and held-out scoring left out):
     # the host reads the GPU only then, and tokens/s over an interval does not swing with one batch's lengths.
     interval_start, interval_steps, interval_tokens = time.perf_counter(), 0, 0
+    profiler = StepProfiler(cfg.profile, out / "profile", d.rank, d.device)
     try:
         while step < total:
             epoch = step // spe
+            profiler.before(step + 1)
             step_batches = []
             for _ in range(o.grad_accum):
-                batch, tokens = next(batches)
+                with record_function("train.next_batch"):
+                    batch, tokens = next(batches)
                 step_batches.append(batch)
                 interval_tokens += tokens
             pending_bad += bad.local(step_batches, micro[fetched: fetched + o.grad_accum])
             fetched += o.grad_accum
-            result = trainer.step(step_batches, lr_at(step, total, o))
+            with record_function("train.step"):
+                result = trainer.step(step_batches, lr_at(step, total, o))
             step += 1
+            profiler.after(step)
             interval_steps += 1
             logged, checkpointed = step % cfg.log_every == 0 or step == total, step % cfg.checkpoint_every == 0
             if logged or checkpointed or step == total:
@@ -383,6 +390,7 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
                         metrics.write_heldout({"step": step, "epoch": epoch, **scored})
                 interval_start += time.perf_counter() - paused
     finally:
+        profiler.close()
         if metrics is not None:
             metrics.close()
     if d.is_main:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from dflashkit.dump.format import dtype_name
 from dflashkit.dump.records import generated_files, generated_record, record_messages
@@ -231,7 +232,7 @@ class Prefetched:
             self.queue.append((batch, None))
             return True
         self.stream.wait_stream(torch.cuda.current_stream(self.target.device))
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), record_function("online.target_forward"):
             out = self.target(batch)
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -245,7 +246,8 @@ class Prefetched:
             raise StopIteration
         batch, event = self.queue.popleft()
         if event is None:
-            return self.target(batch)
+            with record_function("online.target_forward"):
+                return self.target(batch)
         main = torch.cuda.current_stream(self.target.device)
         main.wait_event(event)
         for key in ("aux_hidden_states", "hidden_states"):

@@ -7,6 +7,7 @@ SIGKILL, and split over two gloo processes like one.
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -139,6 +140,27 @@ def test_grouped_by_length_an_epoch_reads_the_same_records_and_resumes_only_so(g
     assert [r["tokens"] for r in plain.values()] != [r["tokens"] for r in by_length.values()]
     with pytest.raises(SystemExit, match="data position"):
         train(recipe(tmp_path / "grouped", **records, **epoch), resume=True)
+
+
+def test_profile_window_labels_the_online_steps_parts(generated, tmp_path):
+    """profile.start / profile.steps: the trace and table of exactly that window (steps 2-3 of 4), with the wait for
+    the micro-batch, the step and the target's forward (one micro-batch ahead) labelled once a step; the run's
+    losses are untouched."""
+    assert train(recipe(tmp_path / "plain", gen=generated, optim__max_steps=4), resume=False) == 0
+    assert train(recipe(tmp_path / "run", gen=generated, optim__max_steps=4, profile={"start": 2, "steps": 2}),
+                 resume=False) == 0
+    table = (tmp_path / "run" / "profile" / "rank0.txt").read_text().splitlines()
+    assert table[0].startswith("steps 2-3, rank 0: ")
+    parts = {line.split(":")[0]: line for line in table[1:4]}
+    assert sorted(parts) == ["online.target_forward", "train.next_batch", "train.step"]
+    assert all(": 1 a step, host " in line for line in parts.values())
+    with gzip.open(tmp_path / "run" / "profile" / "rank0.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert sum(e.get("name") == "train.step" for e in events) == 2
+    assert [r["loss"] for r in metrics(tmp_path / "run").values()] == \
+        [r["loss"] for r in metrics(tmp_path / "plain").values()]
+    with pytest.raises(ValueError, match="profile.steps"):
+        recipe(tmp_path / "bad", gen=generated, profile={"start": 1, "steps": 0}).validate()
 
 
 def test_online_bad_records_are_skipped_counted_and_limited(tmp_path, caplog):
