@@ -42,6 +42,7 @@ from dflashkit.dump.run import main as dump_main
 from dflashkit.train.config import TrainConfig
 from dflashkit.train.loop import train
 from dflashkit.train.online import TargetFeatures
+from dflashkit.train.profile import summary
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "train" / "smollm2-quality.yaml"
@@ -144,9 +145,7 @@ def smollm2(args) -> dict:
         out[mode] = {**steady_tokens_per_s(work / mode, args.warmup, args.steps),
                      "wall_s": round(time.perf_counter() - t0, 1)}
         if args.profile_steps:  # its summary lines: ms a step, then host vs device time of each labelled part
-            table = work / mode / "profile" / "rank0.txt"  # absent if it could not be written (the log says why)
-            lines = table.read_text().splitlines() if table.exists() else ["ops over: not written"]
-            out[mode]["profile"] = lines[:lines.index(next(x for x in lines if x.startswith("ops over")))]
+            out[mode]["profile"] = summary(work / mode / "profile")
     out["online_vs_offline_tokens_per_s"] = round(out["online"]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
     if args.group_by_length:  # means over the steps after the warm-up: whole epochs when --steps is two of them
         for source in ("offline", "online"):

@@ -74,3 +74,12 @@ class StepProfiler:
         lines.append(f"ops over the {steps} steps, by {sort}:")
         (self.out_dir / f"rank{self.rank}.txt").write_text(
             "\n".join(lines) + "\n" + ops.table(sort_by=sort, row_limit=60, max_name_column_width=70) + "\n")
+
+
+def summary(out_dir: Path, rank: int = 0) -> list[str]:
+    """The head of a written table: the window's ms a step and each labelled part's host vs device time."""
+    table = out_dir / f"rank{rank}.txt"
+    if not table.exists():  # the run's log says why it was not written
+        return [f"{table}: not written"]
+    lines = table.read_text().splitlines()
+    return lines[:next(i for i, line in enumerate(lines) if line.startswith("ops over"))]
