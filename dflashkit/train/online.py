@@ -188,10 +188,17 @@ class TargetFeatures:
         ids = batch["input_ids"]
         # Each row's packed positions (a bad record's placeholder too), from the host-side index: no device sync.
         lengths = torch.bincount(batch["token_index"] // ids.shape[1], minlength=ids.shape[0]).tolist()
+        # The loader's pinned ids go over once and each group's rows are picked on the device: rows picked on the
+        # host would be a copy from pageable memory, which makes the host wait until the stream has run everything
+        # queued on it (here the training step the side stream waits for), so nothing could be queued ahead.
+        ids = ids.to(self.device, non_blocking=True)
         finals, auxes = [None] * len(lengths), [None] * len(lengths)
         for rows in length_groups(lengths, self.forward_cost):
             longest = max(2, lengths[rows[0]])
-            final, aux = self.backend.forward(ids[rows, :longest])
+            index = torch.tensor(rows)
+            if self.device.type == "cuda":
+                index = index.pin_memory().to(self.device, non_blocking=True)
+            final, aux = self.backend.forward(ids[:, :longest].index_select(0, index))
             for j, row in enumerate(rows):
                 finals[row], auxes[row] = final[j, : lengths[row]], aux[j, : lengths[row]]
         out = {**batch, "aux_hidden_states": torch.cat(auxes)}

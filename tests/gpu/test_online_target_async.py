@@ -1,0 +1,49 @@
+"""On CUDA: the online target's forward is queued behind the training step without the host waiting for the GPU,
+so the host can prepare the next micro-batch while the card still runs the current step (data.online.prefetch)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dflashkit.train.online import TargetFeatures
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def small_target():
+    """A random SmolLM2-shaped Llama, 4 layers: its forward's launches are what is timed, not its weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=4096)
+    return LlamaForCausalLM(config)
+
+
+def pinned_batch(lengths: list[int], width: int) -> dict:
+    """A collated micro-batch as the loader hands it over: pinned ids, the packed positions' flat index."""
+    ids = torch.randint(0, 49152, (len(lengths), width)).pin_memory()
+    index = torch.cat([row * width + torch.arange(n) for row, n in enumerate(lengths)]).pin_memory()
+    return {"input_ids": ids, "token_index": index}
+
+
+@pytest.mark.parametrize("forward_cost", [0, 10**9])  # a forward per length group; one for the whole micro-batch
+def test_the_online_forward_is_queued_behind_a_busy_gpu_without_waiting(forward_cost):
+    device = torch.device("cuda")
+    target = TargetFeatures(small_target(), {"target_layer_ids": [0, 2, 3]}, device, torch.bfloat16,
+                            with_final=True, forward_cost=forward_cost)
+    batch = pinned_batch([512, 300, 77, 512, 128, 64, 400, 200], 512)
+    target(batch)  # warm-up: kernels, cuBLAS handles
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    torch.cuda._sleep(2_000_000_000)  # the training step still running on the main stream (~1 s of GPU spin)
+    side.wait_stream(torch.cuda.current_stream())  # as Prefetched queues the forward
+    t0 = time.perf_counter()
+    with torch.cuda.stream(side):
+        out = target(batch)
+    queued = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    done = time.perf_counter() - t0
+    assert out["aux_hidden_states"].shape == (sum([512, 300, 77, 512, 128, 64, 400, 200]), 3 * 576)
+    assert queued < 0.3 * done, f"the host waited for the GPU: {queued:.3f} s to queue, {done:.3f} s to run"
