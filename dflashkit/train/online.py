@@ -189,8 +189,9 @@ class TargetFeatures:
         # Each row's packed positions (a bad record's placeholder too), from the host-side index: no device sync.
         lengths = torch.bincount(batch["token_index"] // ids.shape[1], minlength=ids.shape[0]).tolist()
         # The loader's pinned ids go over once and each group's rows are picked on the device: rows picked on the
-        # host would be a copy from pageable memory, which makes the host wait until the stream has run everything
-        # queued on it (here the training step the side stream waits for), so nothing could be queued ahead.
+        # host would be a copy from pageable memory, for which the driver may wait until the stream has run what is
+        # queued on it (here the training step the side stream waits for) before it stages the copy: nothing queued
+        # ahead.
         ids = ids.to(self.device, non_blocking=True)
         finals, auxes = [None] * len(lengths), [None] * len(lengths)
         for rows in length_groups(lengths, self.forward_cost):
