@@ -15,6 +15,30 @@ from ..model.layers import hf_hidden_states_index
 log = logging.getLogger("dflashkit.dump")
 
 
+# SDPA's own causal kernel under another name, so transformers builds no mask for it. For a forward without a cache
+# or a mask (ours), its mask builder checks the position ids for packed sequences with a host read of a device
+# tensor: a GPU sync every forward, which would make online training's target forward, queued ahead on a side
+# stream, wait for the training step before it. Where every layer is plain causal attention the mask it builds is
+# None anyway, so the states are the same (bitwise: tests/unit/test_dump_layers.py).
+CAUSAL_SDPA = "causal_sdpa_without_mask"  # no "flash" in it: transformers reads such names as flash kernels
+
+
+def use_causal_sdpa(model) -> bool:
+    """Switch `model` from "sdpa" to CAUSAL_SDPA if no layer needs more than a causal mask; says whether it did."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config, text = model.config, model.config.get_text_config()
+    layer_types = getattr(text, "layer_types", None)
+    plain = (all(t == "full_attention" for t in layer_types) if layer_types
+             else getattr(text, "sliding_window", None) is None)
+    if config._attn_implementation != "sdpa" or not plain or getattr(text, "attention_chunk_size", None):
+        return False
+    AttentionInterface.register(CAUSAL_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(CAUSAL_SDPA)
+    return True
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = getattr(decoder, "layers", None)
@@ -37,6 +61,7 @@ class HFBackend:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval().requires_grad_(False)
+        use_causal_sdpa(self.model)
         self.target_layer_ids = target_layer_ids
         self._last_layer_output: torch.Tensor | None = None
         decoder_layers(self.model)[-1].register_forward_hook(self._keep_last_output)
