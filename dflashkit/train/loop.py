@@ -32,7 +32,7 @@ from dflashkit.train.distributed import Dist, init_distributed, shutdown, wrap
 from dflashkit.train.loss import block_loss, normalizer, served_walk, summarize
 from dflashkit.train.metrics import MetricsLog
 from dflashkit.train.objectives import OBJECTIVES
-from dflashkit.train.profile import StepProfiler
+from dflashkit.train.profile import NEXT_BATCH, STEP, StepProfiler
 
 log = logging.getLogger(__name__)
 SOURCES = {"dump": data.DumpSource, "online": online.OnlineSource}  # data.source -> where records and states come from
@@ -343,13 +343,13 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
             profiler.before(step + 1)
             step_batches = []
             for _ in range(o.grad_accum):
-                with record_function("train.next_batch"):
+                with record_function(NEXT_BATCH):
                     batch, tokens = next(batches)
                 step_batches.append(batch)
                 interval_tokens += tokens
             pending_bad += bad.local(step_batches, micro[fetched: fetched + o.grad_accum])
             fetched += o.grad_accum
-            with record_function("train.step"):
+            with record_function(STEP):
                 result = trainer.step(step_batches, lr_at(step, total, o))
             step += 1
             profiler.after(step)

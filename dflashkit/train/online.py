@@ -39,6 +39,7 @@ from dflashkit.model.layers import (
     num_hidden_layers,
 )
 from dflashkit.train.data import AnchoredDataset, BadRecordError
+from dflashkit.train.profile import TARGET_FORWARD
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class Prefetched:
             self.queue.append((batch, None))
             return True
         self.stream.wait_stream(torch.cuda.current_stream(self.target.device))
-        with torch.cuda.stream(self.stream), record_function("online.target_forward"):
+        with torch.cuda.stream(self.stream), record_function(TARGET_FORWARD):
             out = self.target(batch)
             event = torch.cuda.Event()
             event.record(self.stream)
@@ -254,7 +255,7 @@ class Prefetched:
             raise StopIteration
         batch, event = self.queue.popleft()
         if event is None:
-            with record_function("online.target_forward"):
+            with record_function(TARGET_FORWARD):
                 return self.target(batch)
         main = torch.cuda.current_stream(self.target.device)
         main.wait_event(event)

@@ -16,7 +16,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 log = logging.getLogger(__name__)
-LABELS = ("train.next_batch", "train.step", "online.target_forward")
+# The labelled parts (torch.profiler.record_function names), reported first in the table.
+NEXT_BATCH, STEP, TARGET_FORWARD = "train.next_batch", "train.step", "online.target_forward"
+LABELS = (NEXT_BATCH, STEP, TARGET_FORWARD)
 
 
 class StepProfiler:
