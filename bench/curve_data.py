@@ -3,7 +3,7 @@
 Every record line of the inputs (generate output dirs or .jsonl files) is shuffled with a fixed seed; the first
 `--heldout` become heldout.jsonl, and train-S.jsonl holds the next S for each size S, so every smaller set is a prefix
 of the larger ones and all runs are scored on the same held-out text (`data.online.heldout_inputs`). `--more` adds
-records made later (shuffled too; ids already in `--inputs` are left out) after the rest of `--inputs`: the held-out
+records made later (shuffled too; each id once, and ids already in `--inputs` are left out) after the rest of `--inputs`: the held-out
 set and every training set of up to that many records stay exactly as they were without them, so a larger size
 extends an earlier curve.
 
@@ -35,7 +35,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     lines = read_lines(args.inputs)
     known = {json.loads(line)["id"] for line in lines}
-    more = [line for line in read_lines(args.more) if json.loads(line)["id"] not in known]
+    more = []
+    for line in read_lines(args.more):  # the first copy of each new id: a later shard holds the earlier ones too
+        cid = json.loads(line)["id"]
+        if cid not in known:
+            known.add(cid)
+            more.append(line)
     random.Random(args.seed).shuffle(lines)
     random.Random(args.seed).shuffle(more)
     heldout, rest = lines[:args.heldout], lines[args.heldout:] + more

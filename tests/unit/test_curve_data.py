@@ -40,3 +40,17 @@ def test_more_records_extend_the_curve_and_leave_the_earlier_sets_as_they_were(t
     assert sorted(ids(b / "train-92.jsonl")[32:]) == sorted(f"r{i}" for i in range(40, 100))
     assert set(ids(b / "heldout.jsonl")).isdisjoint(ids(b / "train-92.jsonl"))
     assert "train-92.jsonl: 92 records" in capsys.readouterr().out
+
+
+def test_later_shards_that_hold_each_others_records_add_each_id_once(tmp_path):
+    """Two later shards where the second resumes the first (as every kept ShareGPT shard holds the earlier one's
+    conversations) give each new id once: the ninth curve run trained 4,833 conversations twice without this."""
+    main = curve_data()
+    first = shard(tmp_path / "first", range(20))
+    kept = shard(tmp_path / "kept", range(10, 50))
+    resumed = shard(tmp_path / "resumed", range(10, 60))
+    assert main(["--inputs", first, "--more", kept, resumed, "--heldout", "4", "--sizes", "all",
+                 "--out", str(tmp_path / "c")]) == 0
+    train = ids(tmp_path / "c" / "train-56.jsonl")
+    assert len(train) == len(set(train)) == 56
+    assert set(train) | set(ids(tmp_path / "c" / "heldout.jsonl")) == {f"r{i}" for i in range(60)}
