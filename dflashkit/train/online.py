@@ -194,12 +194,18 @@ class TargetFeatures:
         # queued on it (here the training step the side stream waits for) before it stages the copy: nothing queued
         # ahead.
         ids = ids.to(self.device, non_blocking=True)
+        groups = length_groups(lengths, self.forward_cost)
+        # Every group's rows go over in one pinned copy, sliced on the device, as with one group: a pinned tensor per
+        # group made the host wait for the GPU on an H200 (tests/gpu/test_online_target_async.py, 2026-12-02; likely
+        # new pinned blocks, allocated while the cached ones still wait for their queued copies).
+        order = torch.tensor([row for rows in groups for row in rows])
+        if self.device.type == "cuda":
+            order = order.pin_memory().to(self.device, non_blocking=True)
         finals, auxes = [None] * len(lengths), [None] * len(lengths)
-        for rows in length_groups(lengths, self.forward_cost):
+        start = 0
+        for rows in groups:
             longest = max(2, lengths[rows[0]])
-            index = torch.tensor(rows)
-            if self.device.type == "cuda":
-                index = index.pin_memory().to(self.device, non_blocking=True)
+            index, start = order[start: start + len(rows)], start + len(rows)
             final, aux = self.backend.forward(ids[:, :longest].index_select(0, index))
             for j, row in enumerate(rows):
                 finals[row], auxes[row] = final[j, : lengths[row]], aux[j, : lengths[row]]
