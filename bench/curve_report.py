@@ -4,8 +4,9 @@ held-out served tau (the trainer's heldout.jsonl at each checkpoint) and MT-Benc
     mkdir R && tar -xJf results.tar.xz -C R && python bench/curve_report.py R --png docs/curve_smollm2.png
 
 R holds the script's logs/ and runs/. Prints a Markdown table and writes one JSON line per run to R/curve.jsonl; with
---png, plots tau against training conversations for the DFlash curve (and DSpark beside it). Needs matplotlib for the
-plot only (not a dflashkit dependency).
+--png, plots tau against training conversations for the DFlash curve (and DSpark beside it). Several R (runs of one
+recipe on the same held-out set, e.g. a later run's larger size) give one table and one curve. Needs matplotlib for
+the plot only (not a dflashkit dependency).
 """
 from __future__ import annotations
 
@@ -104,13 +105,16 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results", type=Path, help="the unpacked results.tar.xz (logs/, runs/)")
+    p.add_argument("results", type=Path, nargs="+", help="the unpacked results.tar.xz (logs/, runs/)")
     p.add_argument("--png", type=Path)
     args = p.parse_args()
-    spans, records = timings(args.results / "logs" / "timings.txt"), sizes(args.results / "logs" / "curve-data.txt")
-    rows = [run_row(run, spans, records) for run in sorted((args.results / "runs").iterdir()) if run.is_dir()]
+    rows = []
+    for results in args.results:
+        spans, records = timings(results / "logs" / "timings.txt"), sizes(results / "logs" / "curve-data.txt")
+        mine = [run_row(run, spans, records) for run in sorted((results / "runs").iterdir()) if run.is_dir()]
+        (results / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mine))
+        rows += mine
     rows.sort(key=lambda r: (r["kind"] != "dflash", r["records"] or 0, r["run"]))
-    (args.results / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(table(rows))
     if args.png:
         plot(rows, args.png)

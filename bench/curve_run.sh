@@ -25,7 +25,8 @@
 # --parts smollm2 on OVO_PROMPTS: offline and online as the recipe trains, and both with data.group_by_length 16),
 # qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at micro-batch 4, without and with
 # checkpointing), s2 (bench/smollm2_step.py, 300 steps: the recipe's steadiness, its recompilations by step and a
-# profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed ones (--profile-steps).
+# profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed ones (--profile-steps): each
+# mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as $OUT/ovo-online-trace.json.gz.
 # GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
 # $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
@@ -199,6 +200,10 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
         timeout "$(limit 0)" python bench/online_vs_offline.py --parts smollm2 --model "$W/smollm2" \
             --prompts "$OVO_PROMPTS" --work "$W/ovo" --group-by-length 16 --steps 80 --warmup 40 --profile-steps 3 \
             > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
+        for m in "$W"/ovo/*/profile; do  # each mode's profile table; the online step's trace comes back beside
+            cp "$m/rank0.txt" "$W/logs/ovo-profile-$(basename "$(dirname "$m")").txt" 2> /dev/null
+        done
+        cp "$W/ovo/online/profile/rank0.json.gz" "$OUT/ovo-online-trace.json.gz" 2> /dev/null
         rm -rf "$W/ovo/dump" ;;
     s2)  # the SmolLM2 recipe's step on a synthetic dump: its steadiness, with recompilations and a profile
         (( $(left 0) > 150 )) || continue

@@ -95,8 +95,9 @@ def steady_tokens_per_s(run_dir: Path, warmup: int, last: int) -> dict:
     over all time), the median step time and the peak memory; steps after `last` (profiled) are left out."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if warmup < r["step"] <= last]
+    seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows)  # each logged interval's wall time (log_every >= 1)
     return {"tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in rows)),
-            "tokens_per_s_mean": round(sum(r["tokens"] for r in rows) / sum(r["step_time_s"] for r in rows)),
+            "tokens_per_s_mean": round(sum(r["tokens"] for r in rows) / seconds),
             "median_step_s": round(statistics.median(r["step_time_s"] for r in rows), 4),
             "peak_mem_gb": round(max(r["peak_mem_gb"] for r in rows), 2)}
 
@@ -120,9 +121,12 @@ def smollm2(args) -> dict:
                       "--max-seq-len", str(args.max_seq_len), "--length-policy", "truncate", "--no-progress"]) == 0
     dump_s = time.perf_counter() - t0
     profiled = [f"profile.start={args.steps + 1}", f"profile.steps={args.profile_steps}"] if args.profile_steps else []
-    common = [f"target_model={args.model}", f"optim.max_steps={args.steps + args.profile_steps}", *profiled,
-              "data.heldout_records=0",
-              "checkpoint_every=1000000", "log_every=1", f"data.max_seq_len={args.max_seq_len}", *args.train_overrides]
+    # Online, a step's target forward is queued up to 3 micro-batches ahead (data.online.prefetch 2, then the copy
+    # ahead): a window at the run's very end would hold none of them, so 4 more steps follow it.
+    tail = args.profile_steps + 4 if args.profile_steps else 0
+    common = [f"target_model={args.model}", f"optim.max_steps={args.steps + tail}", *profiled,
+              "data.heldout_records=0", "checkpoint_every=1000000", f"log_every={args.log_every}",
+              f"data.max_seq_len={args.max_seq_len}", *args.train_overrides]
     online = ["data.source=online", f"data.online.inputs=[{gen}]", "data.online.chat_template=smollm2-thinking-train",
               "data.online.length_policy=truncate"]
     out = {"bench": "online_vs_offline", "part": "smollm2", "records": n, "steps": args.steps, "warmup": args.warmup,
@@ -251,6 +255,8 @@ def main(argv=None) -> int:
                    help="part a: also train offline and online with data.group_by_length at this many global batches")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="part a: this many more steps in every mode under the trainer's profiler, left out of the figures")
+    p.add_argument("--log-every", type=int, default=1,
+                   help="part a: the trainer's log_every (a logged step reads the GPU on the host; the recipe's is 20)")
     p.add_argument("--record", action="store_true",
                    help="write part a's tokens/s into bench/throughputs.json (the planner's measured figures)")
     args = p.parse_args(argv)
