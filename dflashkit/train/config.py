@@ -61,6 +61,10 @@ class OnlineSpec:
     # torch.compile the target's forward (dynamic shapes, compiled once): fuses its per-layer elementwise kernels,
     # which dominate a small target's forward. Off until timed on a GPU (bench/online_vs_offline.py --compile-target).
     compile_target: bool = False
+    # CUDA only: replay the target's forward as CUDA graphs, one per padded shape (rows up to a power of two, length up
+    # to a multiple of 256), captured when first seen: the host queues a forward in microseconds instead of launching
+    # its kernels one by one from Python (train/online.py, GraphedForward). Off until timed on a GPU.
+    cuda_graphs: bool = False
     # Generate shards whose records are the held-out set (instead of data.heldout_records drawn from the inputs):
     # the same text for runs on different inputs, e.g. training sets of different sizes.
     heldout_inputs: list[str] = field(default_factory=list)

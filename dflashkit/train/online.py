@@ -13,7 +13,8 @@
   length, each forward cut to its longest row, the states packed as the loader packs a dump's; target layer k is `hidden_states[k + 1]`, the final state (KD) the last decoder layer's output before the
   final norm, as in a dump. The target's embed_tokens / lm_head / final norm are shared with the draft's head.
 - Prefetch: `prefetch` micro-batches ahead, the target's forward is queued on a side CUDA stream while the step
-  runs, its inputs copied from pinned memory; the tokenization runs in the loader's workers.
+  runs, its inputs copied from pinned memory; the tokenization runs in the loader's workers. `cuda_graphs` replays
+  the forward as CUDA graphs of a few padded shapes (GraphedForward), so queueing it costs the host next to nothing.
 """
 from __future__ import annotations
 
@@ -168,19 +169,71 @@ def length_groups(lengths: list[int], forward_cost: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def padded_shape(rows: int, length: int, length_step: int) -> tuple[int, int]:
+    """The shape a forward of `rows` x `length` ids runs at under CUDA graphs: rows up to a power of two, length up to
+    a multiple of `length_step`, so a run meets a few shapes (for SmolLM2's recipe: 32 rows, 8 lengths)."""
+    return 1 << (rows - 1).bit_length(), -(-length // length_step) * length_step
+
+
+class GraphedForward:
+    """The backend's forward replayed as CUDA graphs (data.online.cuda_graphs). The eager forward launches its
+    ~1,500 kernels (SmolLM2) one by one from Python, host time in series with the training step's; a replay queues
+    them at once. Each padded shape is captured when first seen, all in one memory pool; the ids are copied into the
+    graph's static input (the padding rows and positions keep what they held: attention is causal and per row, so
+    they never reach the real ones) and the outputs are views of its static buffers, valid until the next replay on
+    the same stream: TargetFeatures packs them into new tensors first."""
+
+    LENGTH_STEP = 256
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple] = {}  # shape -> (graph, static ids, final, aux)
+
+    def capture(self, rows: int, length: int) -> tuple:
+        ids = torch.zeros(rows, length, dtype=torch.long, device=self.backend.device)
+        warm = torch.cuda.Stream(self.backend.device)  # cuBLAS handles and workspaces exist before the capture
+        warm.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warm):
+            self.backend.forward(ids)
+        torch.cuda.current_stream().wait_stream(warm)
+        graph = torch.cuda.CUDAGraph()
+        try:  # thread_local: the loader's pin-memory thread may call the CUDA API meanwhile, not ours to capture
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                final, aux = self.backend.forward(ids)
+        except RuntimeError as e:  # e.g. a host read inside the model's forward
+            raise RuntimeError(f"data.online.cuda_graphs: this target's forward cannot be captured ({e}); "
+                               "set data.online.cuda_graphs=false") from e
+        log.info("online target: CUDA graph captured for %d x %d ids", rows, length)
+        return graph, ids, final, aux
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, length = ids.shape
+        shape = padded_shape(rows, length, self.LENGTH_STEP)
+        if shape not in self.graphs:
+            self.graphs[shape] = self.capture(*shape)
+        graph, static, final, aux = self.graphs[shape]
+        static[:rows, :length].copy_(ids)
+        graph.replay()
+        return final[:rows, :length], aux[:rows, :length]
+
+
 class TargetFeatures:
     """The frozen target on this rank's device: adds `aux_hidden_states` (and, for KD, `hidden_states`) to a
     collated micro-batch, on the device, packed like a dump's states."""
 
     def __init__(self, model, meta: dict, device: torch.device, dtype: torch.dtype, with_final: bool,
-                 forward_cost: int, compile: bool = False):
-        """`forward_cost`: data.online.forward_cost_tokens (length_groups); `compile`: data.online.compile_target."""
+                 forward_cost: int, compile: bool = False, cuda_graphs: bool = False):
+        """`forward_cost`: data.online.forward_cost_tokens (length_groups); `compile`: data.online.compile_target;
+        `cuda_graphs`: data.online.cuda_graphs (CUDA only: elsewhere the eager forward runs)."""
         from dflashkit.dump.hf_backend import HFBackend
 
         self.backend = HFBackend(model, dtype, meta["target_layer_ids"], device=str(device))
         self.device, self.with_final, self.forward_cost = device, with_final, forward_cost
         if compile:  # the instance's forward: the backend's final-state hook is traced with it
             self.backend.model.forward = torch.compile(self.backend.model.forward, dynamic=True)
+        self.forward = (GraphedForward(self.backend) if cuda_graphs and device.type == "cuda"
+                        else self.backend.forward)
 
     def __call__(self, batch: dict) -> dict:
         """The batch with the states packed as the loader packs a dump's (`data.PACKED`: [sum of lengths, width],
@@ -206,7 +259,7 @@ class TargetFeatures:
         for rows in groups:
             longest = max(2, lengths[rows[0]])
             index, start = order[start: start + len(rows)], start + len(rows)
-            final, aux = self.backend.forward(ids[:, :longest].index_select(0, index))
+            final, aux = self.forward(ids[:, :longest].index_select(0, index))
             for j, row in enumerate(rows):
                 finals[row], auxes[row] = final[j, : lengths[row]], aux[j, : lengths[row]]
         out = {**batch, "aux_hidden_states": torch.cat(auxes)}
@@ -295,7 +348,7 @@ class OnlineSource:
         self.meta["mask_source"] = source.kind
         self.target = TargetFeatures(model if model is not None else cfg.target_model, self.meta, device, dtype,
                                      with_final=cfg.loss.kd_weight > 0, forward_cost=o.forward_cost_tokens,
-                                     compile=o.compile_target)
+                                     compile=o.compile_target, cuda_graphs=o.cuda_graphs)
 
     @staticmethod
     def sizes(records: list[LineRef]) -> list[int]:
