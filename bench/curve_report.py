@@ -95,7 +95,7 @@ def plot(rows: list[dict], png: Path) -> None:
                 ax.plot(*zip(*pts), style, marker=marker,
                         label=f"{kind}, {'MT-Bench (80)' if key == 'mtbench_tau' else 'held-out ShareGPT (256)'}")
     ax.set_xscale("log")
-    ax.set_xlabel("training conversations")
+    ax.set_xlabel("training records (conversations, one epoch)")
     ax.set_ylabel("served tau (tokens per target step)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

@@ -22,12 +22,12 @@
 # VARIANTS: ";"-separated "NAME [dotted overrides...]" runs at the smallest size beside its base run (dflash-SIZE),
 # scored on the held-out set only (heldout.jsonl; no export or MT-Bench eval).
 # BENCH: the step rows to run alone after the curve, in order, each while time is left: ovo (bench/online_vs_offline.py
-# --parts smollm2 on OVO_PROMPTS: offline and online as the recipe trains, and both with data.group_by_length 16),
-# qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at micro-batch 4, without and with
-# checkpointing), s2 (bench/smollm2_step.py, 300 steps: the recipe's steadiness, its recompilations by step and a
-# profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed ones (--profile-steps): each
-# mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as $OUT/ovo-online-trace.json.gz.
-# GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
+# --parts smollm2 on OVO_PROMPTS: offline and online as the recipe trains, both with data.group_by_length 16, and
+# online with its forward as CUDA graphs), qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at
+# micro-batch 4, without and with checkpointing), s2 (bench/smollm2_step.py, 300 steps: the recipe's steadiness,
+# its recompilations by step and a profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed
+# ones (--profile-steps): each mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as
+# $OUT/ovo-online-trace.json.gz. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
 # $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
 # GEN_FIRST=S (at least 300) runs the data engine for S seconds before the curve instead: those conversations, then
@@ -198,7 +198,7 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
         [[ -n ${OVO_PROMPTS:-} ]] || { stamp "ovo skipped: no OVO_PROMPTS"; continue; }
         stamp ovo-smollm2
         timeout "$(limit 0)" python bench/online_vs_offline.py --parts smollm2 --model "$W/smollm2" \
-            --prompts "$OVO_PROMPTS" --work "$W/ovo" --group-by-length 16 --steps 80 --warmup 40 --profile-steps 3 \
+            --prompts "$OVO_PROMPTS" --work "$W/ovo" --group-by-length 16 --steps 80 --warmup 40 --profile-steps 3 --cuda-graphs \
             > "$W/logs/ovo-smollm2.jsonl" 2> "$W/logs/ovo-smollm2.err"
         for m in "$W"/ovo/*/profile; do  # each mode's profile table; the online step's trace comes back beside
             cp "$m/rank0.txt" "$W/logs/ovo-profile-$(basename "$(dirname "$m")").txt" 2> /dev/null
