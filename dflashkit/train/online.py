@@ -180,8 +180,9 @@ class GraphedForward:
     ~1,500 kernels (SmolLM2) one by one from Python, host time in series with the training step's; a replay queues
     them at once. Each padded shape is captured when first seen, all in one memory pool; the ids are copied into the
     graph's static input (the padding rows and positions keep what they held: attention is causal and per row, so
-    they never reach the real ones) and the outputs are views of its static buffers, valid until the next replay on
-    the same stream: TargetFeatures packs them into new tensors first."""
+    they never reach the real ones) and the outputs copied out of its static buffers. Every replay waits for the
+    previous one's copies, on whatever stream it ran (the held-out pass has its own prefetch stream), because the
+    graphs share their buffers."""
 
     LENGTH_STEP = 256
 
@@ -189,6 +190,7 @@ class GraphedForward:
         self.backend = backend
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple] = {}  # shape -> (graph, static ids, final, aux)
+        self.copied = torch.cuda.Event()  # the last replay's outputs are copied out (never recorded: nothing to wait)
 
     def capture(self, rows: int, length: int) -> tuple:
         ids = torch.zeros(rows, length, dtype=torch.long, device=self.backend.device)
@@ -213,9 +215,13 @@ class GraphedForward:
         if shape not in self.graphs:
             self.graphs[shape] = self.capture(*shape)
         graph, static, final, aux = self.graphs[shape]
+        stream = torch.cuda.current_stream()
+        stream.wait_event(self.copied)
         static[:rows, :length].copy_(ids)
         graph.replay()
-        return final[:rows, :length], aux[:rows, :length]
+        out = final[:rows, :length].clone(), aux[:rows, :length].clone()
+        self.copied.record(stream)
+        return out
 
 
 class TargetFeatures:

@@ -69,3 +69,31 @@ def test_cuda_graphs_give_the_eager_states_over_shapes_in_any_order():
             err = ((got[key].float() - want[key].float()).abs().max() / want[key].float().abs().max()).item()
             assert err < 2e-2, (lengths, key, err)
     assert len(graphed.forward.graphs) == 3
+
+
+def test_cuda_graph_replays_on_two_streams_do_not_overwrite_each_other():
+    """The held-out pass prefetches on its own stream while training's forwards may still be queued on another: two
+    micro-batches of one padded shape (one graph, one set of buffers) on two streams, the first held back by a busy
+    GPU, each get their own states."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = small_target()
+    meta = {"target_layer_ids": [0, 2, 3]}
+    eager = TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9)
+    graphed = TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9,
+                             cuda_graphs=True)
+    first, second = pinned_batch([512, 300, 77], 512), pinned_batch([500, 20, 10], 512)
+    graphed(first)  # captured
+    torch.cuda.synchronize()
+    streams = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(streams[0]):
+        torch.cuda._sleep(500_000_000)
+        got_first = graphed(first)
+    with torch.cuda.stream(streams[1]):
+        got_second = graphed(second)
+    torch.cuda.synchronize()
+    for got, batch in ((got_first, first), (got_second, second)):
+        want = eager(batch)
+        err = ((got["aux_hidden_states"].float() - want["aux_hidden_states"].float()).abs().max()
+               / want["aux_hidden_states"].float().abs().max()).item()
+        assert err < 2e-2, err
