@@ -50,24 +50,30 @@ def test_the_online_forward_is_queued_behind_a_busy_gpu_without_waiting(forward_
     assert queued < 0.3 * done, f"the host waited for the GPU: {queued:.3f} s to queue, {done:.3f} s to run"
 
 
+def eager_and_graphed() -> tuple[TargetFeatures, TargetFeatures]:
+    """The same random target twice, one forward a micro-batch: eager, and replayed as CUDA graphs."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model, meta = small_target(), {"target_layer_ids": [0, 2, 3]}
+    return tuple(TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9,
+                                cuda_graphs=graphs) for graphs in (False, True))
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
 def test_cuda_graphs_give_the_eager_states_over_shapes_in_any_order():
     """Graphs of three padded shapes share one memory pool and replay in an order unlike their capture's; each
     micro-batch's packed states match the eager forward's (bf16, different padded shapes: not bitwise)."""
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = small_target()
-    meta = {"target_layer_ids": [0, 2, 3]}
-    eager = TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9)
-    graphed = TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9,
-                             cuda_graphs=True)
+    eager, graphed = eager_and_graphed()
     shapes = [[512, 300, 77], [100, 90], [1000, 20, 600, 3], [512, 300, 77], [1000, 20, 600, 3], [100, 90]]
     for lengths in shapes:
         batch = pinned_batch(lengths, max(lengths))
         want, got = eager(batch), graphed(batch)
         for key in ("aux_hidden_states", "hidden_states"):
             assert got[key].shape == want[key].shape
-            err = ((got[key].float() - want[key].float()).abs().max() / want[key].float().abs().max()).item()
-            assert err < 2e-2, (lengths, key, err)
+            assert relative_error(got[key], want[key]) < 2e-2, (lengths, key)
     assert len(graphed.forward.graphs) == 3
 
 
@@ -75,13 +81,7 @@ def test_cuda_graph_replays_on_two_streams_do_not_overwrite_each_other():
     """The held-out pass prefetches on its own stream while training's forwards may still be queued on another: two
     micro-batches of one padded shape (one graph, one set of buffers) on two streams, the first held back by a busy
     GPU, each get their own states."""
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    model = small_target()
-    meta = {"target_layer_ids": [0, 2, 3]}
-    eager = TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9)
-    graphed = TargetFeatures(model, meta, device, torch.bfloat16, with_final=True, forward_cost=10**9,
-                             cuda_graphs=True)
+    eager, graphed = eager_and_graphed()
     first, second = pinned_batch([512, 300, 77], 512), pinned_batch([500, 20, 10], 512)
     graphed(first)  # captured
     torch.cuda.synchronize()
@@ -93,7 +93,4 @@ def test_cuda_graph_replays_on_two_streams_do_not_overwrite_each_other():
         got_second = graphed(second)
     torch.cuda.synchronize()
     for got, batch in ((got_first, first), (got_second, second)):
-        want = eager(batch)
-        err = ((got["aux_hidden_states"].float() - want["aux_hidden_states"].float()).abs().max()
-               / want["aux_hidden_states"].float().abs().max()).item()
-        assert err < 2e-2, err
+        assert relative_error(got["aux_hidden_states"], eager(batch)["aux_hidden_states"]) < 2e-2
