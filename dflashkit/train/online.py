@@ -261,10 +261,8 @@ class TargetFeatures:
         if self.device.type == "cuda":
             order = order.pin_memory().to(self.device, non_blocking=True)
         finals, auxes = [None] * len(lengths), [None] * len(lengths)
-        start = 0
-        for rows in groups:
+        for rows, index in zip(groups, order.split([len(rows) for rows in groups])):
             longest = max(2, lengths[rows[0]])
-            index, start = order[start: start + len(rows)], start + len(rows)
             final, aux = self.forward(ids[:, :longest].index_select(0, index))
             for j, row in enumerate(rows):
                 finals[row], auxes[row] = final[j, : lengths[row]], aux[j, : lengths[row]]
