@@ -65,8 +65,8 @@ def run(variant: str, args, tokenizer, prompts) -> dict:
         steps = [decoder.generate(p.prompt_ids, args.max_new_tokens, 0.0, eos) for p in prompts]
     finally:
         spec.dense_mask = reference
-    n, accepted = sum(g.steps for g in steps), sum(sum(g.accepted) for g in steps)
-    return {"variant": variant, "tau": round((accepted + n) / n, 4), "steps": n,
+    stats = spec.acceptance_stats([a for g in steps for a in g.accepted], decoder.num_drafts)
+    return {"variant": variant, "tau": round(stats["tau"], 4), "steps": stats["steps"],
             "steps_per_prompt": {p.id: g.steps for p, g in zip(prompts, steps)}}
 
 
