@@ -133,14 +133,16 @@ def smollm2(args) -> dict:
            "dump_s": round(dump_s, 1), "dump_bytes": sum(p.stat().st_size for p in dump.glob("*.pt"))}
     # online: the recipe's data.online.forward_cost_tokens; online-C: the same with C (--forward-costs);
     # online-compiled: the target's forward compiled (--compile-target; its first steps, compiling, are in the warm-up);
-    # online-graphs: as CUDA graphs (--cuda-graphs);
+    # online-graphs, online-graphs-C: as CUDA graphs (--cuda-graphs), at the recipe's cost and at each C;
     # offline-grouped, online-grouped: micro-batches of similar lengths (--group-by-length)
     modes = [("offline", [f"data.dump_dirs=[{dump}]"]), ("online", online)]
     modes += [(f"online-{c}", [*online, f"data.online.forward_cost_tokens={c}"]) for c in args.forward_costs]
     if args.compile_target:
         modes.append(("online-compiled", [*online, "data.online.compile_target=true"]))
     if args.cuda_graphs:  # online-graphs: the target's forward replayed as CUDA graphs (its captures in the warm-up)
-        modes.append(("online-graphs", [*online, "data.online.cuda_graphs=true"]))
+        graphed = [*online, "data.online.cuda_graphs=true"]
+        modes.append(("online-graphs", graphed))
+        modes += [(f"online-graphs-{c}", [*graphed, f"data.online.forward_cost_tokens={c}"]) for c in args.forward_costs]
     if args.group_by_length:  # -grouped: micro-batches of similar lengths (data.group_by_length)
         grouped = f"data.group_by_length={args.group_by_length}"
         modes += [("offline-grouped", [f"data.dump_dirs=[{dump}]", grouped]), ("online-grouped", [*online, grouped])]
@@ -155,8 +157,9 @@ def smollm2(args) -> dict:
             out[mode]["profile"] = summary(work / mode / "profile")
     out["online_vs_offline_tokens_per_s"] = round(out["online"]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
     if args.cuda_graphs:
-        out["online_graphs_vs_offline_tokens_per_s"] = round(
-            out["online-graphs"]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
+        for mode in ("online-graphs", *(f"online-graphs-{c}" for c in args.forward_costs)):
+            out[f"{mode.replace('-', '_')}_vs_offline_tokens_per_s"] = round(
+                out[mode]["tokens_per_s"] / out["offline"]["tokens_per_s"], 3)
     if args.group_by_length:  # means over the steps after the warm-up: whole epochs when --steps is two of them
         for source in ("offline", "online"):
             out[f"{source}_grouped_vs_plain_tokens_per_s_mean"] = round(
@@ -258,7 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile-target", action="store_true",
                    help="part a: also train online with the target's forward compiled (data.online.compile_target)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="part a: also train online with the target's forward as CUDA graphs (data.online.cuda_graphs)")
+                   help="part a: also train online with the target's forward as CUDA graphs (data.online.cuda_graphs), "
+                        "at the recipe's forward cost and at each --forward-costs")
     p.add_argument("--group-by-length", type=int, default=0,
                    help="part a: also train offline and online with data.group_by_length at this many global batches")
     p.add_argument("--profile-steps", type=int, default=0,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,16 +150,20 @@ def online_meta(target_model: str, online) -> dict:
             "num_hidden_layers": n_layers, "final_state": FINAL_STATE}
 
 
-def length_groups(lengths: list[int], forward_cost: int) -> list[list[int]]:
+def length_groups(lengths: list[int], forward_cost: int,
+                  shape: Callable[[int, int], tuple[int, int]] | None = None) -> list[list[int]]:
     """Row indices in groups of similar length, each group one target forward: the split of the rows sorted longest
-    first that minimizes padded tokens + `forward_cost` per forward (exact, by dynamic programming over the cuts)."""
+    first that minimizes padded tokens + `forward_cost` per forward (exact, by dynamic programming over the cuts).
+    `shape(rows, length)`: the shape such a forward really runs at (CUDA graphs pad it: GraphedForward.shape), whose
+    tokens are the ones it computes; default: rows x the longest row."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
     best = [0] + [float("inf")] * n  # best[j]: the cost of the first j sorted rows
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):  # rows i..j-1 in one forward, padded to the longest, sorted row i
-            cost = best[i] + (j - i) * lengths[order[i]] + forward_cost
+            rows, length = shape(j - i, lengths[order[i]]) if shape else (j - i, lengths[order[i]])
+            cost = best[i] + rows * length + forward_cost
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups, j = [], n
@@ -171,7 +175,8 @@ def length_groups(lengths: list[int], forward_cost: int) -> list[list[int]]:
 
 def padded_shape(rows: int, length: int, length_step: int) -> tuple[int, int]:
     """The shape a forward of `rows` x `length` ids runs at under CUDA graphs: rows up to a power of two, length up to
-    a multiple of `length_step`, so a run meets a few shapes (for SmolLM2's recipe: 32 rows, 8 lengths)."""
+    a multiple of `length_step`, so a run meets a few shapes (for SmolLM2's recipe at one forward a micro-batch: 32
+    rows, 8 lengths; in length groups of a few thousand tokens, about 20 shapes)."""
     return 1 << (rows - 1).bit_length(), -(-length // length_step) * length_step
 
 
@@ -209,9 +214,14 @@ class GraphedForward:
         log.info("online target: CUDA graph captured for %d x %d ids", rows, length)
         return graph, ids, final, aux
 
+    @classmethod
+    def shape(cls, rows: int, length: int) -> tuple[int, int]:
+        """The padded shape a forward of rows x length ids replays at."""
+        return padded_shape(rows, length, cls.LENGTH_STEP)
+
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.shape(*ids.shape)
         rows, length = ids.shape
-        shape = padded_shape(rows, length, self.LENGTH_STEP)
         if shape not in self.graphs:
             self.graphs[shape] = self.capture(*shape)
         graph, static, final, aux = self.graphs[shape]
@@ -238,8 +248,10 @@ class TargetFeatures:
         self.device, self.with_final, self.forward_cost = device, with_final, forward_cost
         if compile:  # the instance's forward: the backend's final-state hook is traced with it
             self.backend.model.forward = torch.compile(self.backend.model.forward, dynamic=True)
-        self.forward = (GraphedForward(self.backend) if cuda_graphs and device.type == "cuda"
-                        else self.backend.forward)
+        graphed = cuda_graphs and device.type == "cuda"
+        self.forward = GraphedForward(self.backend) if graphed else self.backend.forward
+        # Groups are cut by the tokens their forwards compute: under CUDA graphs, the padded shapes'.
+        self.forward_shape = GraphedForward.shape if graphed else None
 
     def __call__(self, batch: dict) -> dict:
         """The batch with the states packed as the loader packs a dump's (`data.PACKED`: [sum of lengths, width],
@@ -253,7 +265,7 @@ class TargetFeatures:
         # queued on it (here the training step the side stream waits for) before it stages the copy: nothing queued
         # ahead.
         ids = ids.to(self.device, non_blocking=True)
-        groups = length_groups(lengths, self.forward_cost)
+        groups = length_groups(lengths, self.forward_cost, self.forward_shape)
         # Every group's rows go over in one pinned copy, sliced on the device, as with one group: a pinned tensor per
         # group made the host wait for the GPU on an H200 (tests/gpu/test_online_target_async.py, 2026-12-02; likely
         # new pinned blocks, allocated while the cached ones still wait for their queued copies).

@@ -3,11 +3,14 @@
 real rows' states as they are. The capture and replay themselves: tests/gpu/test_online_target_async.py."""
 from __future__ import annotations
 
+import itertools
+import random
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from dflashkit.dump.hf_backend import HFBackend
-from dflashkit.train.online import GraphedForward, TargetFeatures, padded_shape
+from dflashkit.train.online import GraphedForward, TargetFeatures, length_groups, padded_shape
 
 
 def test_padded_shapes_are_few():
@@ -16,6 +19,34 @@ def test_padded_shapes_are_few():
     assert padded_shape(31, 257, step) == (32, 512) and padded_shape(1, 256, step) == (1, 256)
     assert padded_shape(5, 700, step) == (8, 768)
     assert len({padded_shape(32, n, step) for n in range(1, 2049)}) == 8  # the SmolLM2 recipe: 8 graphs at most
+
+
+def graphed_cost(lengths, groups, forward_cost):
+    """What the split computes under CUDA graphs: each forward's padded tokens, plus forward_cost per forward."""
+    return sum(forward_cost + rows * length for rows, length in
+               (GraphedForward.shape(len(g), max(lengths[i] for i in g)) for g in groups))
+
+
+def test_length_groups_under_graphs_are_cut_by_the_padded_shapes_tokens():
+    """Split by the rows' own lengths, [512, 500] + [260, 250] saves padding; replayed at padded shapes the second
+    group runs at 2 x 512 all the same, so under graphs the rows stay one forward."""
+    lengths = [512, 500, 260, 250]
+    assert length_groups(lengths, forward_cost=200) == [[0, 1], [2, 3]]
+    assert length_groups(lengths, forward_cost=200, shape=GraphedForward.shape) == [[0, 1, 2, 3]]
+
+
+def test_length_groups_under_graphs_are_the_cheapest_split():
+    """Exact: no cut of the sorted rows into consecutive groups computes less under graphs (brute force over all)."""
+    rng = random.Random(0)
+    for _ in range(30):
+        lengths = [rng.randint(1, 2048) for _ in range(rng.randint(1, 9))]
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        cost = rng.choice([0, 512, 4096])
+        got = length_groups(lengths, cost, shape=GraphedForward.shape)
+        assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+        cheapest = min(graphed_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], cost)
+                       for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert graphed_cost(lengths, got, cost) == cheapest
 
 
 def test_padding_rows_and_positions_never_reach_the_real_ones():
