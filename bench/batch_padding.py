@@ -2,6 +2,7 @@
 
     python bench/batch_padding.py --records sharegpt.jsonl --tokenizer MODEL_DIR [--micro-batch 32] [--windows 0 4 16]
     python bench/batch_padding.py --answers bench/data/smollm2-*-answers*.jsonl.xz
+    python bench/batch_padding.py --records sharegpt.jsonl --tokenizer MODEL_DIR --turns 2 --windows 0 --forward-costs 65536 8192 4096
 
 Reads the first --count conversations of a .jsonl (generate records, or ShareGPT / OpenAI layout) that start with a
 user turn, and tokenizes each whole conversation, as training does (--turns 2: its first turn and reply only, as
@@ -12,7 +13,9 @@ and what a dump record's bytes follow) and by their line's bytes (the online sou
 counts). Prints one JSON line per K and size: the real share of the
 positions a forward cut to each micro-batch's longest row computes (`real_of_longest`: the online target's forward)
 and of the power-of-two padded length the draft sees (`real_of_padded`). --answers reads the lengths the generation
-recorded in packed answers files instead (no tokenizer; the sizes the online source reads).
+recorded in packed answers files instead (no tokenizer; the sizes the online source reads). --forward-costs C ...
+adds, per C, the share when each micro-batch's rows run in the online target's length groups (one forward each),
+eager and under data.online.cuda_graphs.
 """
 from __future__ import annotations
 
@@ -50,6 +53,32 @@ def shares(plan: BatchPlan, lengths: list[int]) -> dict:
     return {"real_of_longest": round(real / longest, 3), "real_of_padded": round(real / padded, 3)}
 
 
+def grouped_shares(plan: BatchPlan, lengths: list[int], forward_cost: int) -> dict:
+    """The online forward's real share when each micro-batch's rows run in length groups at `forward_cost`
+    (data.online.forward_cost_tokens): eager (each group cut to its longest row) and under CUDA graphs (the groups
+    cut by, and run at, GraphedForward's padded shapes); forwards per micro-batch and the graphs' shapes."""
+    from dflashkit.train.online import GraphedForward, length_groups
+
+    real = eager = graphed = eager_forwards = graphed_forwards = micro_batches = 0
+    shapes = set()
+    for mb in plan.micro_batches(0, 0, 0):
+        rows = [lengths[i] for i, _ in mb]
+        real += sum(rows)
+        micro_batches += 1
+        for group in length_groups(rows, forward_cost):
+            eager += len(group) * max(rows[i] for i in group)
+            eager_forwards += 1
+        for group in length_groups(rows, forward_cost, GraphedForward.shape):
+            shape = GraphedForward.shape(len(group), max(rows[i] for i in group))
+            shapes.add(shape)
+            graphed += shape[0] * shape[1]
+            graphed_forwards += 1
+    return {"forward_cost": forward_cost, "real_of_groups": round(real / eager, 3),
+            "forwards_per_micro_batch": round(eager_forwards / micro_batches, 2),
+            "real_of_graphed_groups": round(real / graphed, 3),
+            "graphed_forwards_per_micro_batch": round(graphed_forwards / micro_batches, 2), "graph_shapes": len(shapes)}
+
+
 def answered(paths: list[Path], max_seq_len: int) -> list[int]:
     """Token lengths of the conversations of packed answers files (bench/data), as their generation counted them."""
     from dflashkit.generate.answers import read_answers
@@ -72,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, nargs="+", default=[0, 4, 16])
     p.add_argument("--turns", type=int, default=0, help="--records: the first N turns of each conversation (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forward-costs", type=int, nargs="*", default=[],
+                   help="also the online forward's share in length groups at each data.online.forward_cost_tokens, "
+                        "eager and under CUDA graphs")
     args = p.parse_args(argv)
     if args.records:
         if not args.tokenizer:
@@ -87,9 +119,11 @@ def main(argv=None) -> int:
     for k in args.windows:
         for proxy, by in proxies.items() if k else [(None, None)]:  # ungrouped: no size is read
             plan = BatchPlan(len(lengths), 1, args.micro_batch, 1, args.seed, k, by)
-            print(json.dumps({"group_by_length": k, "sized_by": proxy, "records": len(lengths),
-                              "turns": "all" if args.answers or not args.turns else args.turns,
-                              "micro_batch": args.micro_batch, **shares(plan, lengths)}), flush=True)
+            row = {"group_by_length": k, "sized_by": proxy, "records": len(lengths),
+                   "turns": "all" if args.answers or not args.turns else args.turns, "micro_batch": args.micro_batch}
+            print(json.dumps({**row, **shares(plan, lengths)}), flush=True)
+            for cost in args.forward_costs:
+                print(json.dumps({**row, **grouped_shares(plan, lengths, cost)}), flush=True)
     return 0
 
 

@@ -16,6 +16,8 @@
 # FP8_RECORDS records are dumped in bf16 and in fp8 and trained offline for FP8_EPOCHS epochs each (FP8_HELDOUT of
 # them held out, 128); PAIR lists the dtypes of that pair (default "bfloat16 float8_e4m3fn"; the peer needs bfloat16).
 # A training still running EVAL_RESERVE seconds before the deadline is stopped and its last checkpoint evaluated.
+# MTBENCH_EVAL=0 scores the sizes on the held-out set only (no export, no MT-Bench eval, no draft back): a recipe
+# comparison at one size, SIZES and VARIANTS side by side.
 # PEERS_SITE (a folder with specforge 0.2.0 installed, --no-deps) adds the peer row: SpecForge's trainer on the bf16
 # dump for our run's steps (bench/peers/specforge_train.py), evaluated as ours. TRAIN_EXTRA adds dotted overrides to
 # every run; EVAL_TOKENS (256) and HELDOUT (256) shrink a CPU check. DSPARK=0 leaves out the DSpark run.
@@ -64,9 +66,10 @@ fit() {  # fit NAME OVERRIDES...: one training run on the card, stopped at its d
     stamp "train-end $name rc=$?"
 }
 
-train() {  # train NAME OVERRIDES...: fit, then export and eval
+train() {  # train NAME OVERRIDES...: fit, then export and eval (MTBENCH_EVAL=0: the held-out scores only)
     local name=$1 run=$W/runs/$1
     fit "$@"
+    [[ ${MTBENCH_EVAL:-1} == 1 ]] || { bundle; return 0; }
     python -m dflashkit.cli export --checkpoint "$run/train" --target "$W/smollm2" --out "$run/draft" --overwrite \
         > "$run/export.log" 2>&1 || { stamp "export-failed $name"; return 1; }
     evaluate "$name"
@@ -183,7 +186,7 @@ if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 du
 fi
 wait "${pids[@]}"
 stamp curve-end
-(cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
+[[ -d $W/runs/dflash-$largest/draft ]] && (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
 bundle
 
 for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its time is left
