@@ -21,6 +21,7 @@ import torch
 from dflashkit.eval import spec
 from dflashkit.eval.prompts import load_prompts
 from dflashkit.eval.run import eos_token_ids
+from dflashkit.eval.vllm_metrics import norms_keys_per_layer
 from dflashkit.export import load_draft
 
 VARIANTS = ("fp32", "eager-attention", "float64", "causal-block", "vllm-cpu-context-k-norm")
@@ -70,19 +71,6 @@ def run(variant: str, args, tokenizer, prompts) -> dict:
             "steps_per_prompt": {p.id: g.steps for p, g in zip(prompts, steps)}}
 
 
-def vllm_rms_norm_uses_layer_weights() -> bool:
-    """Whether vLLM's `ops.rms_norm` norms each layer of [L, n, heads, d] keys with its own row of an [L, d] weight
-    (False: every layer gets row 0)."""
-    from vllm import _custom_ops as ops
-
-    g = torch.Generator().manual_seed(0)
-    keys, weight = torch.randn(3, 5, 3, 64, generator=g), torch.randn(3, 64, generator=g)
-    out = torch.empty_like(keys)
-    ops.rms_norm(out, keys, weight, 1e-5)
-    want = torch.stack([torch.nn.functional.rms_norm(keys[i], (64,), eps=1e-5) * weight[i] for i in range(3)])
-    return torch.allclose(out, want, atol=1e-5)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--draft", required=True)
@@ -95,7 +83,7 @@ def main(argv=None) -> int:
                    help="first print whether the installed vLLM's ops.rms_norm uses a per-layer weight (CPU)")
     args = p.parse_args(argv)
     if args.check_vllm_rms_norm:
-        print(json.dumps({"vllm_rms_norm_uses_per_layer_weights": vllm_rms_norm_uses_layer_weights()}), flush=True)
+        print(json.dumps({"vllm_rms_norm_uses_per_layer_weights": norms_keys_per_layer()}), flush=True)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dflashkit.eval.prompts import HELDOUT_CATEGORY, EvalPrompt, load_prompts
 from dflashkit.eval.spec import Generation, SpeculativeDecoder, acceptance_stats
-from dflashkit.eval.vllm_metrics import SpecCounters, VllmClient
+from dflashkit.eval.vllm_metrics import SpecCounters, VllmClient, norms_keys_per_layer
 from dflashkit.io import JsonlAppender, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,13 @@ def evaluate(args: argparse.Namespace) -> int:
             vllm_results = run_vllm(client, prompts, args.max_new_tokens)
         report["vllm"] = summarize_vllm(vllm_results, prompts)
         report["agreement"] = agreement(report["ours"], report["vllm"], greedy, vllm_results)
+        # A 2+ layer draft's context keys are normed in one grouped call: a vLLM kernel that ignores the per-layer
+        # weight rows drafts worse than the draft was trained, so its tau sits below ours (docs/EVAL.md).
+        report["agreement"]["vllm_norms_context_keys_per_layer"] = norms_keys_per_layer()
+        if report["agreement"]["vllm_norms_context_keys_per_layer"] is False and draft.config.num_hidden_layers > 1:
+            log.warning("this vLLM's rms_norm ignores a stacked per-layer weight: it norms every draft layer's context "
+                        "keys with layer 0's k_norm, so it drafts worse than the draft was trained and its tau sits "
+                        "below ours (docs/EVAL.md)")
 
     with JsonlAppender(out / "generations.jsonl", truncate=True) as f:
         for p in prompts:
@@ -208,7 +215,9 @@ def headline(report: dict) -> str:
     if "vllm" in report:
         a = report["agreement"]
         parts.append(f"vLLM {num(a['tau_vllm'])} (|diff| {num(a['tau_abs_diff'])}, identical outputs "
-                     f"{a['outputs_identical']}/{a['prompts']})")
+                     f"{a['outputs_identical']}/{a['prompts']}"
+                     + (", its kernel norms every layer's context keys with layer 0's k_norm"
+                        if a.get("vllm_norms_context_keys_per_layer") is False else "") + ")")
     if "lossless" in report:
         ll = report["lossless"]
         parts.append(f"lossless {ll['identical']}/{ll['prompts']}")

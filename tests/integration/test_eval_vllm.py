@@ -73,6 +73,7 @@ def test_trained_draft_serves_in_vllm_with_the_targets_greedy_output(report):
 
 def test_our_tau_equals_vllms(report):
     assert_tau_agrees(report["agreement"], "dflash")
+    assert isinstance(report["agreement"]["vllm_norms_context_keys_per_layer"], bool)  # the server's vLLM asked
     ours, vllm = report["ours"], report["vllm"]
     assert set(ours["by_category"]) == set(vllm["by_category"]) == {"heldout", "writing"}
     assert sum(ours["overall"]["histogram"]) == ours["overall"]["steps"]

