@@ -14,6 +14,9 @@ for KD; lengths log-normal around ShareGPT's, as bench/smollm2_step.py writes th
 - `padding_efficiency`: real tokens / padded positions; `batch_mb` (and `padded_batch_mb`, before) what one
   micro-batch moves from the worker through shared memory and pinning to the GPU, and `copy_ms_at_25gbps` the copy
   to the GPU, now on a side stream during the step before (data.DevicePrefetcher);
+- `block_mask`: building one micro-batch's flex BlockMask, ours (its tile tables worked out from the anchors) and
+  create_block_mask's (the rule evaluated densely over [rows, Q, KV], which the trainer ran every step before),
+  milliseconds on this CPU and ATen ops each;
 - `ops_per_step`: ATen ops one step dispatches (counted on fake tensors at these shapes: forward + backward +
   gradient clipping; the optimizer's fused AdamW is a few launches more), plain and fast (eager) step; on the GPU
   the fast step is also compiled, which fuses most of them (the GPU run measures that, not this script);
@@ -36,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402
 
+from dflashkit.model import masks  # noqa: E402
 from dflashkit.model.masks import block_labels  # noqa: E402
 from dflashkit.train import loop  # noqa: E402
 from dflashkit.train.data import PACKED, anchor_generator, collate, padded_features, sample_anchors  # noqa: E402
@@ -96,6 +100,28 @@ def ops_per_step(step: str, micro: int, seq: int) -> int:
     return count.ops
 
 
+def block_mask_ms(anchors: torch.Tensor, seq: int, repeats: int) -> dict:
+    """The flex BlockMask of one micro-batch: ours (tile tables from the anchors) and create_block_mask's for the
+    same rule (evaluated densely over [rows, Q, KV]), with the ATen ops each dispatches."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(batch, head, q_idx, kv_idx):
+        in_context = kv_idx < seq
+        return ((in_context & (kv_idx < anchors[batch, q_idx // BLOCK]))
+                | (~in_context & ((kv_idx - seq) // BLOCK == q_idx // BLOCK)))
+
+    b, n = anchors.shape
+    builders = {"tile_tables": lambda: masks.flex_block_mask(anchors, seq, BLOCK),
+                "create_block_mask": lambda: create_block_mask(rule, B=b, H=None, Q_LEN=n * BLOCK,
+                                                               KV_LEN=seq + n * BLOCK, device="cpu")}
+    out = {}
+    for name, build in builders.items():
+        with OpCount() as count:
+            build()
+        out[name] = {"ms": best_ms(build, repeats), "ops": count.ops}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--micro-batch", type=int, default=32)
@@ -119,6 +145,7 @@ def main(argv=None) -> int:
         "padding_efficiency": round(real / batch["input_ids"].numel(), 3),
         "batch_mb": round(nbytes / 1e6, 1), "padded_batch_mb": round(padded_nbytes / 1e6, 1),
         "copy_ms_at_25gbps": round(nbytes / 25e9 * 1e3, 2),
+        "block_mask": block_mask_ms(batch["anchors"], seq, args.repeats),
         "ops_per_step": {step: ops_per_step(step, args.micro_batch, seq) for step in ("plain", "fast")},
         "host_reads_per_step": {"before": "4 reads + 4 pageable copies per micro-batch", "now": 0}}), flush=True)
     return 0

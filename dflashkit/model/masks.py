@@ -61,39 +61,60 @@ def dense_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torc
     return (sees_context | sees_block).unsqueeze(1)
 
 
-# create_block_mask evaluates the rule densely, [rows, Q, KV] and an int64 copy of it: 20 GiB for a held-out batch of
-# 32 rows x 512 anchors. Rows are taken in chunks of at most this many mask elements (about 1.2 GB at the peak).
-MASK_CHUNK_ELEMENTS = 1 << 27
+# flex_attention's tile: queries and keys in blocks of this many positions.
+TILE = 128
+
+
+def tile_classes(anchors: torch.Tensor, context_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (query tile, key tile) pairs the rule lets attend partly and which wholly, [b, q tiles, kv tiles] bool
+    each, worked out from the anchors: a query tile holds draft blocks j_lo..j_hi, so it sees a context key t
+    somewhere iff t < max a_j and everywhere iff t < min a_j, and a block key tile only where the two tiles' draft
+    blocks meet. create_block_mask gets the same from the rule evaluated densely over [b, Q, KV] (100M elements a
+    training micro-batch of the SmolLM2 recipe, 2.7G a held-out one); this is [b, Q/128, n]. Tiles cut by the end of
+    Q or KV are never whole, as there (tests/unit/test_flex_block_mask.py holds it equal to create_block_mask)."""
+    b, n = anchors.shape
+    q_len, kv_len, dev = n * block_size, context_len + n * block_size, anchors.device
+    q0 = torch.arange(0, q_len, TILE, device=dev)
+    q1 = (q0 + TILE).clamp(max=q_len)
+    j_lo, j_hi = q0 // block_size, (q1 - 1) // block_size  # the draft blocks of each query tile
+    holds = (torch.arange(n, device=dev) >= j_lo[:, None]) & (torch.arange(n, device=dev) <= j_hi[:, None])
+    min_anchor = torch.where(holds, anchors[:, None, :], kv_len).amin(-1)[..., None]  # [b, q tiles, 1]
+    max_anchor = torch.where(holds, anchors[:, None, :], -1).amax(-1)[..., None]
+    k0 = torch.arange(0, kv_len, TILE, device=dev)
+    k1 = (k0 + TILE).clamp(max=kv_len)
+    ctx_lo, ctx_hi = k0.clamp(max=context_len), k1.clamp(max=context_len)  # each key tile's context part
+    has_ctx, has_blocks = ctx_hi > ctx_lo, k1 > context_len
+    i_lo = (k0.clamp(min=context_len) - context_len) // block_size  # the draft blocks of its block part
+    i_hi = (k1 - 1 - context_len).clamp(min=0) // block_size
+    some = (has_ctx & (ctx_lo < max_anchor)) | (has_blocks & (i_lo <= j_hi[:, None]) & (j_lo[:, None] <= i_hi))
+    all_ctx = ~has_ctx | (ctx_hi - 1 < min_anchor)
+    all_blocks = ~has_blocks | ((j_lo == j_hi)[:, None] & (i_lo == i_hi) & (j_lo[:, None] == i_lo))
+    cut = ((q1 - q0) < TILE)[:, None] | ((k1 - k0) < TILE)
+    whole = some & all_ctx & all_blocks & ~cut
+    return some & ~whole, whole
 
 
 def flex_block_mask(anchors: torch.Tensor, context_len: int, block_size: int):
-    """The same rule as a flex_attention BlockMask (GPU), built a chunk of rows at a time."""
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+    """The same rule as a flex_attention BlockMask (GPU): its tile tables from `tile_classes`, the rule itself for
+    the tiles it sees in part."""
+    from torch.nn.attention.flex_attention import BlockMask
 
-    b, n = anchors.shape
-    q_len, kv_len = n * block_size, context_len + n * block_size
+    def allowed(batch, head, q_idx, kv_idx):
+        q_block = q_idx // block_size
+        in_context = kv_idx < context_len
+        sees_context = in_context & (kv_idx < anchors[batch, q_block])
+        sees_block = ~in_context & ((kv_idx - context_len) // block_size == q_block)
+        return sees_context | sees_block
 
-    def rule(rows_anchors: torch.Tensor):
-        def allowed(batch, head, q_idx, kv_idx):
-            q_block = q_idx // block_size
-            in_context = kv_idx < context_len
-            sees_context = in_context & (kv_idx < rows_anchors[batch, q_block])
-            sees_block = ~in_context & ((kv_idx - context_len) // block_size == q_block)
-            return sees_context | sees_block
-        return allowed
+    def table(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[b, 1, q tiles] counts and [b, 1, q tiles, kv tiles] key tile indices, those counted first in order."""
+        order = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True)
+        return tiles.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
-    rows = max(1, MASK_CHUNK_ELEMENTS // (q_len * kv_len))
-    if rows >= b:
-        return create_block_mask(rule(anchors), B=b, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=anchors.device)
-    parts = [create_block_mask(rule(anchors[i:i + rows]), B=min(rows, b - i), H=None, Q_LEN=q_len, KV_LEN=kv_len,
-                               device=anchors.device) for i in range(0, b, rows)]
-
-    def cat(name: str):
-        return None if getattr(parts[0], name) is None else torch.cat([getattr(m, name) for m in parts])
-
-    return BlockMask.from_kv_blocks(cat("kv_num_blocks"), cat("kv_indices"), cat("full_kv_num_blocks"),
-                                    cat("full_kv_indices"), BLOCK_SIZE=parts[0].BLOCK_SIZE, mask_mod=rule(anchors),
-                                    seq_lengths=(q_len, kv_len))
+    partly, wholly = tile_classes(anchors, context_len, block_size)
+    return BlockMask.from_kv_blocks(*table(partly), *table(wholly), BLOCK_SIZE=TILE, mask_mod=allowed,
+                                    seq_lengths=(anchors.shape[1] * block_size,
+                                                 context_len + anchors.shape[1] * block_size))
 
 
 @functools.cache

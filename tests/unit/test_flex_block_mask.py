@@ -1,37 +1,48 @@
-"""The flex_attention BlockMask built a chunk of rows at a time (held-out batches: every anchor) is the one built at
-once, and both are the dense rule. create_block_mask runs on the CPU, so this needs no GPU."""
+"""The flex_attention BlockMask's tile tables, worked out from the anchors (masks.tile_classes), are create_block_mask's
+for the same rule evaluated densely, and its mask_mod is the dense rule. create_block_mask runs on the CPU, so this
+needs no GPU; the attention itself on a GPU: tests/gpu/test_train_flex.py."""
 from __future__ import annotations
 
+import pytest
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from dflashkit.model import masks
 
+TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+          "full_q_num_blocks", "full_q_indices")
 
-def anchors(b=5, s=300, n=20, seed=0):
+
+def anchors(b: int, s: int, n: int, seed: int) -> torch.Tensor:
+    """Sorted real anchors, then padding blocks at anchor 0 (a row with fewer loss positions than n), as the loader
+    hands them over."""
     g = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(s - 1, generator=g)[:n].sort().values for _ in range(b)]), s
+    rows = []
+    for r in range(b):
+        real = n if r == 0 else int(torch.randint(1, n + 1, (1,), generator=g))
+        picked = torch.randperm(s - 1, generator=g)[:real].sort().values
+        rows.append(torch.cat([picked, torch.zeros(n - real, dtype=torch.long)]))
+    return torch.stack(rows)
 
 
-def test_chunked_block_mask_equals_the_whole(monkeypatch):
-    from torch.nn.attention.flex_attention import create_mask
-
-    a, s = anchors()
-    bs = 16
-    whole = masks.flex_block_mask(a, s, bs)
-    q_len, kv_len = a.shape[1] * bs, s + a.shape[1] * bs
-    monkeypatch.setattr(masks, "MASK_CHUNK_ELEMENTS", 2 * q_len * kv_len)  # 2 rows a chunk: chunks of 2, 2, 1
-    chunked = masks.flex_block_mask(a, s, bs)
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
-                 "q_indices", "full_q_num_blocks", "full_q_indices"):
-        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
-    assert chunked.shape == whole.shape and chunked.BLOCK_SIZE == whole.BLOCK_SIZE
-    # Its mask_mod addresses the whole batch: row i of the rule is row i's anchors, the dense reference.
-    assert torch.equal(create_mask(chunked.mask_mod, a.shape[0], None, q_len, kv_len, device="cpu"),
-                       masks.dense_mask(a, s, bs))
+def densely_built(a: torch.Tensor, s: int, bs: int):
+    def rule(batch, head, q_idx, kv_idx):
+        in_context = kv_idx < s
+        return (in_context & (kv_idx < a[batch, q_idx // bs])) | (~in_context & ((kv_idx - s) // bs == q_idx // bs))
+    n = a.shape[1]
+    return create_block_mask(rule, B=a.shape[0], H=None, Q_LEN=n * bs, KV_LEN=s + n * bs, device="cpu")
 
 
-def test_one_row_per_chunk_when_a_row_is_over_the_limit(monkeypatch):
-    a, s = anchors(b=3, s=200, n=8)
-    whole = masks.flex_block_mask(a, s, 16)
-    monkeypatch.setattr(masks, "MASK_CHUNK_ELEMENTS", 1)
-    assert torch.equal(masks.flex_block_mask(a, s, 16).to_dense(), whole.to_dense())
+# The training shape (64 anchors of 16 over a 2,048 context: tiles all whole), tiles cut by the end of Q and of KV,
+# block sizes that do not divide a tile (DSpark's 15), a context shorter than one tile, held-out's many anchors.
+@pytest.mark.parametrize("b, s, n, bs", [(4, 2048, 64, 16), (5, 300, 20, 16), (3, 1000, 30, 15), (3, 700, 17, 7),
+                                         (2, 100, 9, 16), (2, 1500, 256, 16)])
+def test_tile_tables_are_create_block_masks(b, s, n, bs):
+    for seed in range(3):
+        a = anchors(b, s, n, seed)
+        ours, reference = masks.flex_block_mask(a, s, bs), densely_built(a, s, bs)
+        for name in TABLES:
+            assert torch.equal(getattr(ours, name).long(), getattr(reference, name).long()), (name, seed)
+        assert ours.shape == reference.shape and ours.BLOCK_SIZE == reference.BLOCK_SIZE
+        assert torch.equal(create_mask(ours.mask_mod, b, None, n * bs, s + n * bs, device="cpu"),
+                           masks.dense_mask(a, s, bs))
