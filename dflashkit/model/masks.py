@@ -72,7 +72,7 @@ def tile_classes(anchors: torch.Tensor, context_len: int, block_size: int) -> tu
     blocks meet. create_block_mask gets the same from the rule evaluated densely over [b, Q, KV] (100M elements a
     training micro-batch of the SmolLM2 recipe, 2.7G a held-out one); this is [b, Q/128, n]. Tiles cut by the end of
     Q or KV are never whole, as there (tests/unit/test_flex_block_mask.py holds it equal to create_block_mask)."""
-    b, n = anchors.shape
+    n = anchors.shape[1]
     q_len, kv_len, dev = n * block_size, context_len + n * block_size, anchors.device
     q0 = torch.arange(0, q_len, TILE, device=dev)
     q1 = (q0 + TILE).clamp(max=q_len)
