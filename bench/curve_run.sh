@@ -69,7 +69,7 @@ fit() {  # fit NAME OVERRIDES...: one training run on the card, stopped at its d
 train() {  # train NAME OVERRIDES...: fit, then export and eval (MTBENCH_EVAL=0: the held-out scores only)
     local name=$1 run=$W/runs/$1
     fit "$@"
-    [[ ${MTBENCH_EVAL:-1} == 1 ]] || { bundle; return 0; }
+    [[ ${MTBENCH_EVAL:-1} != 0 ]] || { bundle; return 0; }
     python -m dflashkit.cli export --checkpoint "$run/train" --target "$W/smollm2" --out "$run/draft" --overwrite \
         > "$run/export.log" 2>&1 || { stamp "export-failed $name"; return 1; }
     evaluate "$name"

@@ -9,7 +9,7 @@ k_norm weight (`vllm-cpu-context-k-norm`). Greedy, one request at a time, as `df
 
 Prints one JSON line per variant: tau, steps and steps per prompt. Equal steps under the rounding variants mean a
 difference to another engine's tau is not near-tie rounding; `--check-vllm-rms-norm` first prints whether the
-installed vLLM's CPU `ops.rms_norm` uses a per-layer weight's rows.
+installed vLLM's `ops.rms_norm` uses a per-layer weight's rows (on the GPU where there is one; null: no vLLM).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--check-vllm-rms-norm", action="store_true",
-                   help="first print whether the installed vLLM's ops.rms_norm uses a per-layer weight (CPU)")
+                   help="first print whether the installed vLLM's ops.rms_norm uses a per-layer weight (null: no vLLM)")
     args = p.parse_args(argv)
     if args.check_vllm_rms_norm:
         print(json.dumps({"vllm_rms_norm_uses_per_layer_weights": norms_keys_per_layer()}), flush=True)

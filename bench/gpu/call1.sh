@@ -6,7 +6,7 @@
 # mode's profile table after. What comes back is in $OUT; bench/gpu/launch.sh reads the row and the tests' verdict.
 set -uo pipefail
 : "${OUT:?}"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site:$PWD  # dflashkit is not installed there
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 mkdir -p /tmp/g && cp .gpu-carry/a/gguf.xz.part-00 .gpu-carry/a/mtbench.jsonl /tmp/g/ || exit 1
 tar -xJf .gpu-carry/a/tok.tar.xz -C /tmp/g && xz -dc .gpu-carry/a/ovo.jsonl.xz > /tmp/g/ovo.jsonl || exit 1

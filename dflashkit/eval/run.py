@@ -154,7 +154,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     greedy = run_ours(decoder, prompts, args.max_new_tokens, 0.0, eos, args.seed)
     report: dict = {"config": {k: v for k, v in vars(args).items()} | {"draft_dir": str(draft_dir),
-                                                                       "num_drafted": drafted},
+                                                                       "num_drafted": drafted,
+                                                                       "draft_layers": draft.config.num_hidden_layers},
                     "ours": summarize({i: g.accepted for i, g in greedy.items()}, prompts, drafted)}
     if args.sampling_temperature:
         sampled = run_ours(decoder, prompts, args.max_new_tokens, args.sampling_temperature, eos, args.seed)
@@ -179,7 +180,7 @@ def evaluate(args: argparse.Namespace) -> int:
         # A 2+ layer draft's context keys are normed in one grouped call: a vLLM kernel that ignores the per-layer
         # weight rows drafts worse than the draft was trained, so its tau sits below ours (docs/EVAL.md).
         report["agreement"]["vllm_norms_context_keys_per_layer"] = norms_keys_per_layer()
-        if report["agreement"]["vllm_norms_context_keys_per_layer"] is False and draft.config.num_hidden_layers > 1:
+        if drafts_with_layer0_key_norm(report):
             log.warning("this vLLM's rms_norm ignores a stacked per-layer weight: it norms every draft layer's context "
                         "keys with layer 0's k_norm, so it drafts worse than the draft was trained and its tau sits "
                         "below ours (docs/EVAL.md)")
@@ -206,6 +207,12 @@ def evaluate(args: argparse.Namespace) -> int:
     return 1 if lossless and lossless["mismatches"] else 0
 
 
+def drafts_with_layer0_key_norm(report: dict) -> bool:
+    """vLLM's kernel applies layer 0's k_norm to every layer's context keys, and the draft has layers past the first."""
+    return (report.get("agreement", {}).get("vllm_norms_context_keys_per_layer") is False
+            and report["config"].get("draft_layers", 1) > 1)
+
+
 def headline(report: dict) -> str:
     def num(x) -> str:  # tau is None when no step drafted (every output ended at its first token)
         return "n/a" if x is None else f"{x:.3f}"
@@ -217,7 +224,7 @@ def headline(report: dict) -> str:
         parts.append(f"vLLM {num(a['tau_vllm'])} (|diff| {num(a['tau_abs_diff'])}, identical outputs "
                      f"{a['outputs_identical']}/{a['prompts']}"
                      + (", its kernel norms every layer's context keys with layer 0's k_norm"
-                        if a.get("vllm_norms_context_keys_per_layer") is False else "") + ")")
+                        if drafts_with_layer0_key_norm(report) else "") + ")")
     if "lossless" in report:
         ll = report["lossless"]
         parts.append(f"lossless {ll['identical']}/{ll['prompts']}")

@@ -44,6 +44,7 @@ def test_length_groups_under_graphs_are_the_cheapest_split():
         cost = rng.choice([0, 512, 4096])
         got = length_groups(lengths, cost, shape=GraphedForward.shape)
         assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+        assert all(lengths[g[0]] == max(lengths[i] for i in g) for g in got)  # the forward is cut to g[0]'s length
         cheapest = min(graphed_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], cost)
                        for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
         assert graphed_cost(lengths, got, cost) == cheapest
