@@ -59,24 +59,19 @@ def grouped_shares(plan: BatchPlan, lengths: list[int], forward_cost: int) -> di
     cut by, and run at, GraphedForward's padded shapes); forwards per micro-batch and the graphs' shapes."""
     from dflashkit.train.online import GraphedForward, length_groups
 
-    real = eager = graphed = eager_forwards = graphed_forwards = micro_batches = 0
-    shapes = set()
-    for mb in plan.micro_batches(0, 0, 0):
-        rows = [lengths[i] for i, _ in mb]
-        real += sum(rows)
-        micro_batches += 1
-        for group in length_groups(rows, forward_cost):
-            eager += len(group) * max(rows[i] for i in group)
-            eager_forwards += 1
-        for group in length_groups(rows, forward_cost, GraphedForward.shape):
-            shape = GraphedForward.shape(len(group), max(rows[i] for i in group))
-            shapes.add(shape)
-            graphed += shape[0] * shape[1]
-            graphed_forwards += 1
-    return {"forward_cost": forward_cost, "real_of_groups": round(real / eager, 3),
-            "forwards_per_micro_batch": round(eager_forwards / micro_batches, 2),
-            "real_of_graphed_groups": round(real / graphed, 3),
-            "graphed_forwards_per_micro_batch": round(graphed_forwards / micro_batches, 2), "graph_shapes": len(shapes)}
+    micro_batches = [[lengths[i] for i, _ in mb] for mb in plan.micro_batches(0, 0, 0)]
+    real = sum(map(sum, micro_batches))
+
+    def cut_to_longest(rows: int, length: int) -> tuple[int, int]:  # an eager forward's shape
+        return rows, length
+
+    out = {"forward_cost": forward_cost}
+    for name, shape in (("groups", cut_to_longest), ("graphed_groups", GraphedForward.shape)):
+        shapes = [shape(len(g), max(rows[i] for i in g))
+                  for rows in micro_batches for g in length_groups(rows, forward_cost, shape)]
+        out[f"real_of_{name}"] = round(real / sum(r * n for r, n in shapes), 3)
+        out[f"{name}_forwards_per_micro_batch"] = round(len(shapes) / len(micro_batches), 2)
+    return out | {"graph_shapes": len(set(shapes))}
 
 
 def answered(paths: list[Path], max_seq_len: int) -> list[int]:

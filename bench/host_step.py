@@ -105,15 +105,10 @@ def block_mask_ms(anchors: torch.Tensor, seq: int, repeats: int) -> dict:
     same rule (evaluated densely over [rows, Q, KV]), with the ATen ops each dispatches."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def rule(batch, head, q_idx, kv_idx):
-        in_context = kv_idx < seq
-        return ((in_context & (kv_idx < anchors[batch, q_idx // BLOCK]))
-                | (~in_context & ((kv_idx - seq) // BLOCK == q_idx // BLOCK)))
-
     b, n = anchors.shape
     builders = {"tile_tables": lambda: masks.flex_block_mask(anchors, seq, BLOCK),
-                "create_block_mask": lambda: create_block_mask(rule, B=b, H=None, Q_LEN=n * BLOCK,
-                                                               KV_LEN=seq + n * BLOCK, device="cpu")}
+                "create_block_mask": lambda: create_block_mask(masks.mask_mod(anchors, seq, BLOCK), B=b, H=None,
+                                                               Q_LEN=n * BLOCK, KV_LEN=seq + n * BLOCK, device="cpu")}
     out = {}
     for name, build in builders.items():
         with OpCount() as count:

@@ -94,17 +94,21 @@ def tile_classes(anchors: torch.Tensor, context_len: int, block_size: int) -> tu
     return some & ~whole, whole
 
 
-def flex_block_mask(anchors: torch.Tensor, context_len: int, block_size: int):
-    """The same rule as a flex_attention BlockMask (GPU): its tile tables from `tile_classes`, the rule itself for
-    the tiles it sees in part."""
-    from torch.nn.attention.flex_attention import BlockMask
-
+def mask_mod(anchors: torch.Tensor, context_len: int, block_size: int):
+    """The rule as flex_attention's mask_mod: whether (row, query, key) may attend."""
     def allowed(batch, head, q_idx, kv_idx):
         q_block = q_idx // block_size
         in_context = kv_idx < context_len
         sees_context = in_context & (kv_idx < anchors[batch, q_block])
         sees_block = ~in_context & ((kv_idx - context_len) // block_size == q_block)
         return sees_context | sees_block
+    return allowed
+
+
+def flex_block_mask(anchors: torch.Tensor, context_len: int, block_size: int):
+    """The same rule as a flex_attention BlockMask (GPU): its tile tables from `tile_classes`, the rule itself
+    (`mask_mod`) for the tiles it sees in part."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def table(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[b, 1, q tiles] counts and [b, 1, q tiles, kv tiles] key tile indices, those counted first in order."""
@@ -112,7 +116,8 @@ def flex_block_mask(anchors: torch.Tensor, context_len: int, block_size: int):
         return tiles.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
     partly, wholly = tile_classes(anchors, context_len, block_size)
-    return BlockMask.from_kv_blocks(*table(partly), *table(wholly), BLOCK_SIZE=TILE, mask_mod=allowed,
+    return BlockMask.from_kv_blocks(*table(partly), *table(wholly), BLOCK_SIZE=TILE,
+                                    mask_mod=mask_mod(anchors, context_len, block_size),
                                     seq_lengths=(anchors.shape[1] * block_size,
                                                  context_len + anchors.shape[1] * block_size))
 

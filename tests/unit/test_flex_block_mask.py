@@ -26,11 +26,10 @@ def anchors(b: int, s: int, n: int, seed: int) -> torch.Tensor:
 
 
 def densely_built(a: torch.Tensor, s: int, bs: int):
-    def rule(batch, head, q_idx, kv_idx):
-        in_context = kv_idx < s
-        return (in_context & (kv_idx < a[batch, q_idx // bs])) | (~in_context & ((kv_idx - s) // bs == q_idx // bs))
+    """create_block_mask's BlockMask for the same mask_mod (itself held to the dense rule below)."""
     n = a.shape[1]
-    return create_block_mask(rule, B=a.shape[0], H=None, Q_LEN=n * bs, KV_LEN=s + n * bs, device="cpu")
+    return create_block_mask(masks.mask_mod(a, s, bs), B=a.shape[0], H=None, Q_LEN=n * bs, KV_LEN=s + n * bs,
+                             device="cpu")
 
 
 # The training shape (64 anchors of 16 over a 2,048 context: tiles all whole), tiles cut by the end of Q and of KV,
