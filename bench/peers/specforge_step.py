@@ -6,8 +6,9 @@ objective chunks of its default 128 blocks, loss decay gamma 7 (ours: `loss.deca
 
     PYTHONPATH=SITE:. python bench/peers/specforge_step.py --preset qwen3-8b [--micro-batch 1] [--steps 10]
 
-SITE holds specforge 0.2.0 installed without its dependencies (bench/peers/run.sh installs it from carried wheels):
-the DFlash training path imports none of them beyond torch and transformers. Prints one JSON line shaped like
+SITE holds specforge 0.2.0 installed without its dependencies (`pip install --no-deps --target SITE
+specforge-0.2.0-py3-none-any.whl`, the wheel carried to the GPU machine): the DFlash training path imports none of
+them beyond torch and transformers. Prints one JSON line shaped like
 bench/train_step.py's (step time median, tokens/s, peak memory, MFU of the same model FLOP count against a
 bf16 matmul measured on the card, losses).
 """
