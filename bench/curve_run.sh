@@ -37,11 +37,12 @@
 # synthesized sets, the first of which used seed 1) apart from the kept ones, and
 # their answers, all packed into $OUT to be kept; the curve's sets take the new records after the kept ones (its
 # held-out set and the sizes that fit in the kept records stay as before; SIZES "... all" trains on everything).
+# SIZES= (empty) runs no curve: the data engine (GEN_FIRST) and the BENCH rows only.
 # What comes back ($OUT): results.tar.xz (logs, metrics, held-out scores, eval reports, timings, errors) and the largest
 # DFlash draft as draft.tar.xz.part-NN (15 MiB pieces: cat them, then tar -xJf).
 set -uo pipefail
 : "${W:?}" "${GGUF:?}" "${TOK:?}" "${MULTITURN:?}" "${MTBENCH:?}" "${OUT:?}" "${DEADLINE:?}"
-SIZES=${SIZES:-5480 10961 all}; EPOCHS=${EPOCHS:-3}; FP8_RECORDS=${FP8_RECORDS:-2000}; FP8_EPOCHS=${FP8_EPOCHS:-6}
+SIZES=${SIZES-5480 10961 all}; EPOCHS=${EPOCHS:-3}; FP8_RECORDS=${FP8_RECORDS:-2000}; FP8_EPOCHS=${FP8_EPOCHS:-6}
 SLICES=${SLICES:-5}; EVAL_RESERVE=${EVAL_RESERVE:-300}; EVAL_TOKENS=${EVAL_TOKENS:-256}
 read -r -a extra <<<"${TRAIN_EXTRA:-}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -153,41 +154,45 @@ if (( ${GEN_FIRST:-0} > 0 )); then  # new answers first; the curve takes them af
     generate $(( $(date +%s) + GEN_FIRST )) "${GEN_SYNTH:-200000}"
     more+=("$W/engine/gen-sharegpt" "$W/engine/gen-synth")
 fi
-python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --more "${more[@]}" --heldout "${HELDOUT:-256}" \
-    --sizes $SIZES --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
-largest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | tail -1)
-head -n "$FP8_RECORDS" "$W/curve/train-$largest.jsonl" > "$W/fp8-records.jsonl"
+if [[ -z ${SIZES// /} ]]; then  # no curve: the data engine and the step rows only
+    stamp "no curve: SIZES is empty"
+else
+    python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --more "${more[@]}" --heldout "${HELDOUT:-256}" \
+        --sizes $SIZES --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
+    largest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | tail -1)
+    head -n "$FP8_RECORDS" "$W/curve/train-$largest.jsonl" > "$W/fp8-records.jsonl"
 
-# truncate: the engine answers until a conversation reaches 2,048 tokens, which the training template can pass by
-# a token or two; skipping those (the default) made 3% of the records bad and stopped the first attempt.
-online=(data.source=online data.online.chat_template=smollm2-thinking-train data.online.length_policy=truncate
-        data.heldout_records=0
-        "data.online.heldout_inputs=[$W/curve/heldout.jsonl]" optim.epochs="$EPOCHS")
-pids=()
-for f in "$W"/curve/train-*.jsonl; do
-    n=$(basename "$f" .jsonl); n=${n#train-}
-    train "dflash-$n" "${online[@]}" "data.online.inputs=[$f]" & pids+=($!)
-done
-if [[ ${DSPARK:-1} == 1 ]]; then
-    train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
-        model.block_size=15 & pids+=($!)
+    # truncate: the engine answers until a conversation reaches 2,048 tokens, which the training template can pass by
+    # a token or two; skipping those (the default) made 3% of the records bad and stopped the first attempt.
+    online=(data.source=online data.online.chat_template=smollm2-thinking-train data.online.length_policy=truncate
+            data.heldout_records=0
+            "data.online.heldout_inputs=[$W/curve/heldout.jsonl]" optim.epochs="$EPOCHS")
+    pids=()
+    for f in "$W"/curve/train-*.jsonl; do
+        n=$(basename "$f" .jsonl); n=${n#train-}
+        train "dflash-$n" "${online[@]}" "data.online.inputs=[$f]" & pids+=($!)
+    done
+    if [[ ${DSPARK:-1} == 1 ]]; then
+        train "dspark-$largest" "${online[@]}" "data.online.inputs=[$W/curve/train-$largest.jsonl]" model.kind=dspark \
+            model.block_size=15 & pids+=($!)
+    fi
+    smallest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | head -1)
+    IFS=';' read -r -a variants <<<"${VARIANTS:-}"
+    for v in "${variants[@]}"; do
+        read -r -a spec <<<"$v"
+        (fit "${spec[0]}-$smallest" "${online[@]}" "data.online.inputs=[$W/curve/train-$smallest.jsonl]" "${spec[@]:1}"; bundle) &
+        pids+=($!)
+    done
+    (for dtype in ${PAIR-bfloat16 float8_e4m3fn}; do dumped "$dtype"; done) & pids+=($!)
+    if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 dump has trained
+        (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done; peer) &
+        pids+=($!)
+    fi
+    wait "${pids[@]}"
+    stamp curve-end
+    [[ -d $W/runs/dflash-$largest/draft ]] && (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
+    bundle
 fi
-smallest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | head -1)
-IFS=';' read -r -a variants <<<"${VARIANTS:-}"
-for v in "${variants[@]}"; do
-    read -r -a spec <<<"$v"
-    (fit "${spec[0]}-$smallest" "${online[@]}" "data.online.inputs=[$W/curve/train-$smallest.jsonl]" "${spec[@]:1}"; bundle) &
-    pids+=($!)
-done
-(for dtype in ${PAIR-bfloat16 float8_e4m3fn}; do dumped "$dtype"; done) & pids+=($!)
-if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 dump has trained
-    (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done; peer) &
-    pids+=($!)
-fi
-wait "${pids[@]}"
-stamp curve-end
-[[ -d $W/runs/dflash-$largest/draft ]] && (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
-bundle
 
 for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its time is left
     case $part in

@@ -33,7 +33,7 @@ echo "TRAIN_EXTRA: ${extra:-none}" | tee /tmp/g/train-extra.txt
 rm -rf /tmp/repo && cp -r . /tmp/repo && cd /tmp/repo || exit 1
 export W=/tmp/c GGUF=/tmp/g/smollm2.gguf TOK=/tmp/g/tok MULTITURN=/tmp/g/multiturn.jsonl MTBENCH=/tmp/g/mtbench.jsonl
 export OUT=/tmp/out DEADLINE=$(( $(date +%s) + BUDGET )) TRAIN_EXTRA="$extra" PYTHONPATH=/tmp/site:/tmp/repo
-export EPOCHS=${EPOCHS:-1} GEN_FIRST=${GEN_FIRST:-0} SIZES=${SIZES:-21922} DSPARK=${DSPARK:-0} PAIR=${PAIR-} SLICES=${SLICES:-6}
+export EPOCHS=${EPOCHS:-1} GEN_FIRST=${GEN_FIRST:-0} SIZES=${SIZES-21922} DSPARK=${DSPARK:-0} PAIR=${PAIR-} SLICES=${SLICES:-6}
 export VARIANTS=${VARIANTS-anchors256 data.num_anchors=256} BENCH=${BENCH-s2}
 export MTBENCH_EVAL=${MTBENCH_EVAL:-0} EVAL_RESERVE=${EVAL_RESERVE:-30}
 mkdir -p "$W" "$OUT"
