@@ -26,7 +26,8 @@
 # BENCH: the step rows to run alone after the curve, in order, each while time is left: ovo (bench/online_vs_offline.py
 # --parts smollm2 on OVO_PROMPTS: offline and online as the recipe trains, both with data.group_by_length 16, and
 # online with its forward as CUDA graphs), qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at
-# micro-batch 4, without and with checkpointing), s2 (bench/smollm2_step.py, 300 steps: the recipe's steadiness,
+# micro-batch 4, without and with checkpointing), q8b (bench/gpu_suite.sh's qwen3-8b rows: our default step and
+# SpecForge's from /tmp/peers, then the GPU step tests), s2 (bench/smollm2_step.py, 300 steps: the recipe's steadiness,
 # its recompilations by step and a profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed
 # ones (--profile-steps): each mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as
 # $OUT/ovo-online-trace.json.gz. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
@@ -219,6 +220,12 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
         timeout "$(limit 0)" python bench/smollm2_step.py --work "$W/s2" --steps 300 --warmup-steps 30 \
             --profile-steps 3 --log-recompiles > "$W/logs/s2-step.jsonl" 2> "$W/logs/s2-step.err"
         cp "$W/s2/train-after/profile/rank0.txt" "$W/logs/s2-profile.txt" 2> /dev/null ;;
+    q8b)  # issue 19's qwen3-8b rows, ours by default and SpecForge's (installed in /tmp/peers), then the GPU step tests
+        (( $(left 0) > 240 )) || continue
+        stamp q8b-step
+        OUT=$W/suite BUDGET=$(limit 0) ROWS='^(specforge-)?q8b-mb1$' timeout "$(limit 0)" bash bench/gpu_suite.sh \
+            > /dev/null 2>&1
+        cp "$W/suite/gpu_suite.log" "$W/logs/q8b-suite.log"; cp "$W/suite/gpu_tests.log" "$W/logs/q8b-gpu-tests.log" ;;
     m3)
         for flags in "" "--activation-checkpointing"; do
             (( $(left 0) > 60 )) || break

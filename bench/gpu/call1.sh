@@ -8,6 +8,8 @@ set -uo pipefail
 : "${OUT:?}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site:$PWD  # dflashkit is not installed there
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# SpecForge in a folder of its own: only curve_run.sh's q8b rows (after launch.sh) put it on their path
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers .gpu-carry/a/specforge-*.whl
 mkdir -p /tmp/g && cp .gpu-carry/a/gguf.xz.part-00 .gpu-carry/a/mtbench.jsonl /tmp/g/ || exit 1
 tar -xJf .gpu-carry/a/tok.tar.xz -C /tmp/g && xz -dc .gpu-carry/a/ovo.jsonl.xz > /tmp/g/ovo.jsonl || exit 1
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/device.txt"

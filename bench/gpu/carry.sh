@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The inputs of a GPU run on a machine that cannot download, in two folders that each travel with one call whose
 # whole transfer (the tracked tree too) must stay under LIMIT_MIB (64): .gpu-carry/a (the first half of the xz'd
-# SmolLM2 GGUF, its tokenizer, the ovo rows' ShareGPT prompts, MT-Bench) for bench/gpu/call1.sh, and .gpu-carry/b
-# (the GGUF's second half, the multi-turn ShareGPT prompt set of bench/data/README.md) for bench/gpu/launch.sh; plus
-# .whl, the gguf wheel the conversion needs (the GPU image lacks it). Both folders are git-ignored.
+# SmolLM2 GGUF, its tokenizer, the ovo rows' ShareGPT prompts, MT-Bench, SpecForge's wheel) for bench/gpu/call1.sh,
+# and .gpu-carry/b (the GGUF's second half, the multi-turn ShareGPT prompt set of bench/data/README.md) for
+# bench/gpu/launch.sh; plus .whl, the gguf wheel the conversion needs (the GPU image lacks it). Both folders are
+# git-ignored.
 #
 #   bash scripts/setup.sh && bash bench/gpu/carry.sh
 #
@@ -20,6 +21,7 @@ gguf=$CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf model=$CACHE/models/SmolLM2-135
 rm -rf .gpu-carry .whl && mkdir -p .gpu-carry/a .gpu-carry/b .whl /tmp/gpu-carry
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d .whl "gguf==$("$PY" -m pip show gguf | sed -n 's/^Version: //p')"
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d .gpu-carry/a specforge==0.2.0  # the peer's step row
 sha256sum "$gguf" | cut -c1-64 > .gpu-carry/b/gguf.sha256
 xz -T0 -6 -c "$gguf" > /tmp/gpu-carry/gguf.xz  # Q4_1 blocks shrink by ~8%: just enough for two calls, not three
 split -n 2 -d /tmp/gpu-carry/gguf.xz /tmp/gpu-carry/gguf.xz.part-
