@@ -26,9 +26,9 @@
 # BENCH: the step rows to run alone after the curve, in order, each while time is left: ovo (bench/online_vs_offline.py
 # --parts smollm2 on OVO_PROMPTS: offline and online as the recipe trains, both with data.group_by_length 16, and
 # online with its forward as CUDA graphs), qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at
-# micro-batch 4, without and with checkpointing), q8b (bench/gpu_suite.sh's qwen3-8b rows: our default step and
-# SpecForge's from /tmp/peers, then the GPU step tests), s2 (bench/smollm2_step.py, 300 steps: the recipe's steadiness,
-# its recompilations by step and a profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed
+# micro-batch 4, without and with checkpointing), q8b (bench/gpu_suite.sh's qwen3-8b rows: our default step, then 2
+# steps of it profiled, and SpecForge's from /tmp/peers; then the GPU step tests), s2 (bench/smollm2_step.py, 300
+# steps: the recipe's steadiness, its recompilations by step and a profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed
 # ones (--profile-steps): each mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as
 # $OUT/ovo-online-trace.json.gz. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
@@ -225,7 +225,8 @@ for part in ${BENCH-ovo qwen3}; do  # alone on the card: timings, each while its
         stamp q8b-step
         OUT=$W/suite BUDGET=$(limit 0) ROWS='^(specforge-)?q8b-mb1$' timeout "$(limit 0)" bash bench/gpu_suite.sh \
             > /dev/null 2>&1
-        cp "$W/suite/gpu_suite.log" "$W/logs/q8b-suite.log"; cp "$W/suite/gpu_tests.log" "$W/logs/q8b-gpu-tests.log" ;;
+        cp "$W/suite/gpu_suite.log" "$W/logs/q8b-suite.log"; cp "$W/suite/gpu_tests.log" "$W/logs/q8b-gpu-tests.log"
+        cp "$W/suite/q8b-mb1-profile/rank0.txt" "$W/logs/q8b-profile.txt" ;;
     m3)
         for flags in "" "--activation-checkpointing"; do
             (( $(left 0) > 60 )) || break

@@ -80,7 +80,8 @@ log "# PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
 
 if (( NGPU == 1 )); then
     W=(--warmup 3 --steps 10)  # issue 19: median of 10 after 3 warm-up steps
-    one q8b-mb1 100 --preset qwen3-8b --micro-batch 1 "${W[@]}"
+    # then 2 steps profiled (not in its figures): where the default step's time goes
+    one q8b-mb1 100 --preset qwen3-8b --micro-batch 1 "${W[@]}" --profile-dir "$OUT/q8b-mb1-profile"
     # SpecForge in its own site: our rows never import it.
     row specforge-q8b-mb1 90 "$GPU" env PYTHONPATH="${PEERS_SITE:-/tmp/peers}:$PWD" $PY bench/peers/specforge_step.py \
         --preset qwen3-8b --micro-batch 1 "${W[@]}" "${EXTRA[@]}"

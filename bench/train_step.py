@@ -19,15 +19,17 @@ import shlex
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from dflashkit.model import DFlashConfig, TargetHead
 from dflashkit.model.layers import default_target_layer_ids
-from dflashkit.train.config import DataSpec, DraftSpec, LossSpec, TrainConfig
+from dflashkit.train.config import DataSpec, DraftSpec, LossSpec, ProfileSpec, TrainConfig
 from dflashkit.train.distributed import Dist, init_distributed, shutdown
 from dflashkit.train.flops import batch_flops
 from dflashkit.train.loop import Trainer, peak_memory_gb
+from dflashkit.train.profile import StepProfiler
 from dflashkit.train.synthetic import synthetic_batch
 
 PRESETS = {
@@ -105,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="bf16 dense peak of one card for MFU (989: H100 SXM and H200)")
+    p.add_argument("--profile-dir", type=Path,
+                   help="after the timed steps, profile --profile-steps more (dflashkit/train/profile.py): the table "
+                        "of ops by device time and a Chrome trace in this folder; the timed figures do not include them")
+    p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--sync-debug", action="store_true",
                    help="run one more step under torch.cuda.set_sync_debug_mode('warn') and list where it syncs")
     return p.parse_args(argv)
@@ -177,6 +183,12 @@ def run(args, d: Dist) -> dict:
             torch.cuda.set_sync_debug_mode("default")
         syncs = sorted({f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
                         if "synchroniz" in str(w.message)})
+    if args.profile_dir:
+        profiler = StepProfiler(ProfileSpec(start=1, steps=args.profile_steps), args.profile_dir, d.rank, d.device)
+        for step in range(1, args.profile_steps + 1):
+            profiler.before(step)
+            trainer.read(trainer.step([batch], lr=args.lr))
+            profiler.after(step)
     step_time = reduce_max(d, sorted(times)[len(times) // 2])  # the step ends with the slowest rank
     flops = batch_flops(dcfg, batch)
     total_flops = torch.tensor(flops.total, dtype=torch.float64, device=d.device)
