@@ -199,12 +199,19 @@ def test_flop_count_follows_the_real_mask_rows_and_lengths():
     assert got.fc == 2 * 2 * (40 + 29) * cfg.num_fused_layers * cfg.hidden_size ** 2  # real lengths, not padded
 
 
-def test_step_benchmark_reports_out_of_memory_as_a_row(monkeypatch, capsys):
+def step_benchmark():
     spec = importlib.util.spec_from_file_location("train_step_bench", REPO / "bench" / "train_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    small = ["--preset", "smollm2", "--seq", "64", "--anchors", "4", "--vocab-size", "256", "--steps", "1",
-             "--warmup", "0"]
+    return bench
+
+
+SMALL_STEP = ["--preset", "smollm2", "--seq", "64", "--anchors", "4", "--vocab-size", "256", "--steps", "1",
+              "--warmup", "0"]
+
+
+def test_step_benchmark_reports_out_of_memory_as_a_row(monkeypatch, capsys):
+    bench, small = step_benchmark(), SMALL_STEP
     assert bench.main(small) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["losses"] and row["model_tflop_per_gpu_step"] >= 0 and row["command"].startswith("python bench/")
@@ -216,3 +223,12 @@ def test_step_benchmark_reports_out_of_memory_as_a_row(monkeypatch, capsys):
     assert bench.main(small) == 3
     row = json.loads(capsys.readouterr().out)
     assert row["oom"] is True and "out of memory" in row["error"] and row["micro_batch"] == 1
+
+
+def test_step_benchmark_profiles_steps_after_the_timed_ones(capsys, tmp_path):
+    bench = step_benchmark()
+    assert bench.main(SMALL_STEP + ["--profile-dir", str(tmp_path), "--profile-steps", "2"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["losses"]) == 1 and row["step_time_s"] > 0  # the profiled steps are not in the row
+    table = (tmp_path / "rank0.txt").read_text()
+    assert table.startswith("steps 1-2, rank 0:") and "ops over the 2 steps" in table and "aten::mm" in table
