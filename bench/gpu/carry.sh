@@ -11,7 +11,8 @@
 # Then, with the device: call 1 carries .gpu-carry/a and .whl and runs `bash bench/gpu/call1.sh` (GPU tests of the
 # online forward, the online-vs-offline row on a random-weight SmolLM2); call 2, within 30 s of its end (the machine
 # keeps /tmp only while warm), carries .gpu-carry/b and runs `BUDGET=S bash bench/gpu/launch.sh && bash
-# bench/gpu/watch.sh 540`; later calls carry nothing and run `bash bench/gpu/watch.sh 540` back to back.
+# bench/gpu/watch.sh 540`; later calls carry nothing and run `bash bench/gpu/watch.sh 540` back to back. A run too
+# short for the curve instead follows call 1 with `bash bench/gpu/call2.sh` (issue 19's step rows; carries nothing).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 CACHE=${DFLASHKIT_CACHE:-$PWD/.cache/dflashkit}
