@@ -41,6 +41,15 @@ from ..formats import (
 )
 from ..io import JsonlAppender, atomic_write_json
 from ..shards import ShardFiles
+from .synth import (
+    SynthPaths,
+    add_engine_arguments,
+    make_filter,
+    prompt_record,
+    shard_target,
+    user_header,
+    write_done,
+)
 
 log = logging.getLogger("dflashkit.generate.engine")
 
@@ -412,6 +421,47 @@ def written_ids(path: Path) -> set[str]:
     return {rec["id"] for _, rec in iter_jsonl(path)}
 
 
+def synthesize(decoder, eos: set[int], renderer, args: argparse.Namespace, model: str) -> int:
+    """--synthesize: every slot samples the user header's continuation; finished samples refill (the prompt
+    filter, records and paths are synth.py's, shared with server_generate.py --synthesize)."""
+    paths = SynthPaths.of(Path(args.output_dir), args.shard_id, args.num_shards)
+    target = shard_target(args.synthesize, args.shard_id, args.num_shards)
+    limit = int(target * args.synth_attempts)
+    header = renderer.ids(user_header(renderer.tokenizer, renderer.template, args.chat_template_kwargs))
+    engine = Engine(decoder, eos, Sampling(args.synth_temperature, args.synth_top_p))
+    keep = make_filter(args, renderer.tokenizer)
+    state = {"submitted": 0, "finished": 0, "accepted": 0}
+    queue: collections.deque = collections.deque()
+
+    def submit() -> None:
+        sample = args.shard_id + state["submitted"] * args.num_shards
+        state["submitted"] += 1
+        queue.append(Request(sample, header, args.synth_max_tokens))
+
+    t0 = time.time()
+    with JsonlAppender(paths.prompts, truncate=True) as sink:
+        def on_done(req: Request, tokens: list[int], reason: str) -> None:
+            state["finished"] += 1
+            text = keep.accept(renderer.decode(tokens), reason)
+            if text is not None and state["accepted"] < target:
+                state["accepted"] += 1
+                sink.write(prompt_record(args.seed, req.key, text, model, args.synth_temperature, args.synth_top_p))
+            pending = state["submitted"] - state["finished"]
+            if state["accepted"] + pending < target and state["submitted"] < limit:
+                submit()
+
+        for _ in range(min(limit, target + decoder.slots)):
+            submit()
+        engine.run(queue, on_done)
+    counts = {"accepted": state["accepted"], "samples": state["finished"], "rejected": dict(keep.rejected),
+              "sample_tokens": engine.answer_tokens}
+    if state["accepted"] < target:  # no marker: the shard is not done
+        print(f"{paths.prompts.name}: only {state['accepted']} of {target} prompts: {counts}", file=sys.stderr)
+        return 1
+    write_done(paths, args, counts, time.time() - t0)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dflashkit.generate.engine", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF model folder (a Llama-family causal LM)")
@@ -433,8 +483,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--shard-id", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    from .synth import add_engine_arguments
-
     add_engine_arguments(p)
     return p
 
@@ -454,9 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model_name or args.model
     decoder = SlotDecoder(model, args.slots, args.max_context, args.bucket)
     if args.synthesize is not None:
-        from .synth import synthesize_with_engine
-
-        return synthesize_with_engine(decoder, eos_ids(model, tokenizer), renderer, args, name)
+        return synthesize(decoder, eos_ids(model, tokenizer), renderer, args, name)
     files = ShardFiles(Path(args.output_dir), args.shard_id, args.num_shards)
     done = files.done
     if done.exists():

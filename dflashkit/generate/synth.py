@@ -19,7 +19,6 @@ import argparse
 import collections
 import dataclasses
 import re
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,48 +147,6 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="--synthesize: the served model's tokenizer (a folder or name)")
     p.add_argument("--chat-template", default=None, help="--synthesize: the .jinja file the server renders with "
                                                           "(default: the tokenizer's own)")
-
-
-def synthesize_with_engine(decoder, eos: set[int], renderer, args: argparse.Namespace, model: str) -> int:
-    """The GPU engine's synthesis: every slot samples the user header's continuation; finished samples refill."""
-    from .engine import Engine, Request, Sampling
-
-    paths = SynthPaths.of(Path(args.output_dir), args.shard_id, args.num_shards)
-    target = shard_target(args.synthesize, args.shard_id, args.num_shards)
-    limit = int(target * args.synth_attempts)
-    header = renderer.ids(user_header(renderer.tokenizer, renderer.template, args.chat_template_kwargs))
-    engine = Engine(decoder, eos, Sampling(args.synth_temperature, args.synth_top_p))
-    keep = make_filter(args, renderer.tokenizer)
-    state = {"submitted": 0, "finished": 0, "accepted": 0}
-    queue: collections.deque = collections.deque()
-
-    def submit() -> None:
-        sample = args.shard_id + state["submitted"] * args.num_shards
-        state["submitted"] += 1
-        queue.append(Request(sample, header, args.synth_max_tokens))
-
-    t0 = time.time()
-    with JsonlAppender(paths.prompts, truncate=True) as sink:
-        def on_done(req: Request, tokens: list[int], reason: str) -> None:
-            state["finished"] += 1
-            text = keep.accept(renderer.decode(tokens), reason)
-            if text is not None and state["accepted"] < target:
-                state["accepted"] += 1
-                sink.write(prompt_record(args.seed, req.key, text, model, args.synth_temperature, args.synth_top_p))
-            pending = state["submitted"] - state["finished"]
-            if state["accepted"] + pending < target and state["submitted"] < limit:
-                submit()
-
-        for _ in range(min(limit, target + decoder.slots)):
-            submit()
-        engine.run(queue, on_done)
-    counts = {"accepted": state["accepted"], "samples": state["finished"], "rejected": dict(keep.rejected),
-              "sample_tokens": engine.answer_tokens}
-    if state["accepted"] < target:  # no marker: the shard is not done
-        print(f"{paths.prompts.name}: only {state['accepted']} of {target} prompts: {counts}", file=sys.stderr)
-        return 1
-    write_done(paths, args, counts, time.time() - t0)
-    return 0
 
 
 async def _sample(client, args, header: list[int], sample: int):
