@@ -3,7 +3,8 @@
 # tests of the online target's forward (queued without waiting, CUDA graphs equal to eager); then the online-vs-offline
 # row (issue 16) on a random-weight SmolLM2 (its speed does not depend on the weights, so it needs no GGUF): offline,
 # online as the recipe trains, and both with the forward as CUDA graphs and in length groups of 4,096 tokens, each
-# mode's profile table after. What comes back is in $OUT; bench/gpu/launch.sh reads the row and the tests' verdict.
+# mode's profile table after (OVO_RECORDS, OVO_STEPS, OVO_WARMUP, OVO_LIMIT shrink it for a short call). What comes
+# back is in $OUT; bench/gpu/launch.sh reads the row and the tests' verdict.
 set -uo pipefail
 : "${OUT:?}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site:$PWD  # dflashkit is not installed there
@@ -28,7 +29,8 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "
     shutil.copy(f"/tmp/g/tok/{name}", f"/tmp/g/rand/{name}")
 PY
 timeout "${OVO_LIMIT:-330}" python bench/online_vs_offline.py --parts smollm2 --model /tmp/g/rand \
-    --prompts /tmp/g/ovo.jsonl --work /tmp/ovo --records 640 --steps 80 --warmup 40 --log-every 10 --cuda-graphs \
+    --prompts /tmp/g/ovo.jsonl --work /tmp/ovo --records "${OVO_RECORDS:-640}" --steps "${OVO_STEPS:-80}" \
+    --warmup "${OVO_WARMUP:-40}" --log-every 10 --cuda-graphs \
     --forward-costs 4096 --profile-steps 3 > "$OUT/ovo.jsonl" 2> "$OUT/ovo.err"
 echo "ovo rc=$?"
 cp "$OUT/ovo.jsonl" /tmp/g/ovo-result.jsonl
