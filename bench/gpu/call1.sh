@@ -11,7 +11,9 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # SpecForge in a folder of its own: only curve_run.sh's q8b rows (after launch.sh) put it on their path
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers .gpu-carry/a/specforge-*.whl
-mkdir -p /tmp/g && cp .gpu-carry/a/gguf.xz.part-00 .gpu-carry/a/mtbench.jsonl /tmp/g/ || exit 1
+mkdir -p /tmp/g && cp .gpu-carry/a/mtbench.jsonl /tmp/g/ || exit 1
+# launch.sh's half of the GGUF; a short run carries .gpu-carry/a without it (and runs no launch.sh)
+cp .gpu-carry/a/gguf.xz.part-00 /tmp/g/ 2> /dev/null || echo "no GGUF part carried"
 tar -xJf .gpu-carry/a/tok.tar.xz -C /tmp/g && xz -dc .gpu-carry/a/ovo.jsonl.xz > /tmp/g/ovo.jsonl || exit 1
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$OUT/device.txt"
 python -c 'import torch, transformers; print(torch.__version__, transformers.__version__)' | tee -a "$OUT/device.txt"
