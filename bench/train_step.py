@@ -8,7 +8,9 @@ Everything but the target is the trainer's own code path (dflashkit.train.loop.T
 time (median), tokens/s per GPU and in total (dump tokens consumed = sequence positions), model FLOPs
 (dflashkit/train/flops.py says what is counted), MFU against --peak-tflops (bf16 dense peak; 989 = H100/H200 SXM) and
 against a bf16 matmul measured on the card at start, peak memory (max over ranks), the per-step losses, and the
-command. An out-of-memory step prints a row with "oom": true and exits 3.
+command. An out-of-memory step prints a row with "oom": true and exits 3. `--profile-dir DIR` then runs
+`--profile-steps` more steps under the trainer's profiler (dflashkit/train/profile.py): DIR/rank{R}.txt, the ops by
+device time, and a Chrome trace beside it.
 """
 from __future__ import annotations
 
