@@ -28,8 +28,8 @@
 # online with its forward as CUDA graphs), qwen3 (its qwen3 part), m3 (bench/train_step.py minimax-m3 at
 # micro-batch 4, without and with checkpointing), q8b (bench/gpu_suite.sh's qwen3-8b rows: our default step, then 2
 # steps of it profiled, and SpecForge's from /tmp/peers; then the GPU step tests), s2 (bench/smollm2_step.py, 300
-# steps: the recipe's steadiness, its recompilations by step and a profile of 3 more steps); empty skips them. ovo profiles 3 steps after its timed
-# ones (--profile-steps): each mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as
+# steps: the recipe's steadiness, its recompilations by step and a profile of 3 more steps); empty skips them. ovo
+# profiles 3 steps after its timed ones (--profile-steps): each mode's table in logs/ovo-profile-MODE.txt, the online steps' Chrome trace as
 # $OUT/ovo-online-trace.json.gz. GEN=1 then runs bench/engine_run.sh's ShareGPT stage on the MULTITURN
 # conversations the kept answers lack, until the deadline, and packs every ShareGPT answer into
 # $OUT/answers-sharegpt.jsonl.xz (GEN_CONVERSATIONS: the first 15,024 of MULTITURN; GEN_SLOTS: 512).
@@ -158,8 +158,8 @@ fi
 if [[ -z ${SIZES// /} ]]; then  # no curve: the data engine and the step rows only
     stamp "no curve: SIZES is empty"
 else
-    python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --more "${more[@]}" --heldout "${HELDOUT:-256}" \
-        --sizes $SIZES --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
+    python bench/curve_data.py --inputs "$W/gen-sharegpt" "$W/gen-synth" --more "${more[@]}" \
+        --heldout "${HELDOUT:-256}" --sizes $SIZES --out "$W/curve" | tee "$W/logs/curve-data.txt" || { stamp data-failed; bundle; exit 1; }
     largest=$(ls "$W"/curve/train-*.jsonl | sed 's/.*train-\([0-9]*\)\.jsonl/\1/' | sort -n | tail -1)
     head -n "$FP8_RECORDS" "$W/curve/train-$largest.jsonl" > "$W/fp8-records.jsonl"
 
@@ -181,17 +181,20 @@ else
     IFS=';' read -r -a variants <<<"${VARIANTS:-}"
     for v in "${variants[@]}"; do
         read -r -a spec <<<"$v"
-        (fit "${spec[0]}-$smallest" "${online[@]}" "data.online.inputs=[$W/curve/train-$smallest.jsonl]" "${spec[@]:1}"; bundle) &
+        (fit "${spec[0]}-$smallest" "${online[@]}" "data.online.inputs=[$W/curve/train-$smallest.jsonl]" \
+            "${spec[@]:1}"; bundle) &
         pids+=($!)
     done
     (for dtype in ${PAIR-bfloat16 float8_e4m3fn}; do dumped "$dtype"; done) & pids+=($!)
     if [[ -n ${PEERS_SITE:-} ]]; then  # the peer starts when our run on the bf16 dump has trained
-        (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done; peer) &
+        (until grep -q "train-end dump-bfloat16" "$W/logs/timings.txt" || (( $(left 0) < 0 )); do sleep 10; done
+         peer) &
         pids+=($!)
     fi
     wait "${pids[@]}"
     stamp curve-end
-    [[ -d $W/runs/dflash-$largest/draft ]] && (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
+    [[ -d $W/runs/dflash-$largest/draft ]] && (cd "$W/runs/dflash-$largest" && tar -cJf "$W/draft.tar.xz" draft) \
+        && split -b 15M -d "$W/draft.tar.xz" "$OUT/draft.tar.xz.part-"
     bundle
 fi
 

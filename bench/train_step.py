@@ -110,8 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0,
                    help="bf16 dense peak of one card for MFU (989: H100 SXM and H200)")
     p.add_argument("--profile-dir", type=Path,
-                   help="after the timed steps, profile --profile-steps more (dflashkit/train/profile.py): the table "
-                        "of ops by device time and a Chrome trace in this folder; the timed figures do not include them")
+                   help="after the timed steps, profile --profile-steps more (dflashkit/train/profile.py): the "
+                        "table of ops by device time and a Chrome trace in this folder; not in the timed figures")
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument("--sync-debug", action="store_true",
                    help="run one more step under torch.cuda.set_sync_debug_mode('warn') and list where it syncs")

@@ -10,7 +10,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=/tmp/site:$PWD  # dflashkit is not installed there
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # SpecForge in a folder of its own: only curve_run.sh's q8b rows (after launch.sh) put it on their path
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers .gpu-carry/a/specforge-*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/peers \
+    .gpu-carry/a/specforge-*.whl
 mkdir -p /tmp/g && cp .gpu-carry/a/mtbench.jsonl /tmp/g/ || exit 1
 # launch.sh's half of the GGUF; a short run carries .gpu-carry/a without it (and runs no launch.sh)
 cp .gpu-carry/a/gguf.xz.part-00 /tmp/g/ 2> /dev/null || echo "no GGUF part carried"
