@@ -133,11 +133,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_yaml(path: str | Path | None) -> dict:
     if path is None:
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: {yaml_problem(e)}") from None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:  # a recipe named on the command line that is not there: the user's mistake, not the stage's
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .config import UserError
+
 log = logging.getLogger(__name__)
 # Every file dflashkit writes (records, markers, checkpoints, exported drafts): readable by all, writable by the
 # owner only, whatever the umask (and whatever the library that serialized the bytes would have picked).
@@ -191,6 +193,13 @@ def safe_id(raw: str) -> str:
         return cleaned
     digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{cleaned[: MAX_ID_LEN - 13]}-{digest}"
+
+
+def require_local_model(name: str, flag: str) -> None:
+    """A model named by a filesystem path (absolute, or starting with ., ~) must be there. HF would take a missing
+    one for a hub id and answer that the id is malformed; anything else may be a hub id, left to HF."""
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"{flag} {name}: no such file or directory")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -352,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         n = args.num_conversations or recipe.generate.max_conversations
-        if not n or n < 1:
+        if not n:
             raise ConfigError("pass --num-conversations N (the recipe sets no generate.max_conversations)")
+        if n < 1:
+            raise ConfigError(f"--num-conversations {n}: must be >= 1")
         mean = round(args.mean_tokens) if args.mean_tokens else dump_settings(recipe).max_seq_len
         if mean < 1:
             raise ConfigError("--mean-tokens must be >= 1")

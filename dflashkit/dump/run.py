@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..config import ConfigError
 from ..formats import BadRecord
+from ..io import require_local_model
 from ..model.layers import (
     CONVENTION,
     FINAL_STATE,
@@ -125,8 +127,11 @@ def resolve_model(args: argparse.Namespace, source: MaskSource) -> dict:
 
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     n_layers, width = num_hidden_layers(config), hidden_size(config)
-    ids = args.target_layer_ids or default_target_layer_ids(n_layers, args.num_draft_layers)
-    check_target_layer_ids(ids, n_layers)
+    try:
+        ids = args.target_layer_ids or default_target_layer_ids(n_layers, args.num_draft_layers)
+        check_target_layer_ids(ids, n_layers)
+    except ValueError as e:  # --target-layer-ids / --num-draft-layers that do not fit this model: the user's mistake
+        raise ConfigError(str(e)) from None
     dtype = args.dtype
     if dtype == "auto":
         text_cfg = getattr(config, "text_config", None) or config
@@ -192,6 +197,9 @@ def run_shard(args: argparse.Namespace) -> int:
     all_records = require_usable(iter_generated(args.input), readable, f"input {args.input}", args.allow_empty_input)
     from transformers import AutoTokenizer
 
+    require_local_model(args.model, "--model")
+    if args.tokenizer:
+        require_local_model(args.tokenizer, "--tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     template = read_template(args.chat_template) if args.chat_template else None  # None: the tokenizer's own
     source = resolve_mask_source(tokenizer, template, args.end_of_turn)

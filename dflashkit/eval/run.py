@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dflashkit.eval.prompts import HELDOUT_CATEGORY, EvalPrompt, load_prompts
 from dflashkit.eval.spec import Generation, SpeculativeDecoder, acceptance_stats
 from dflashkit.eval.vllm_metrics import SpecCounters, VllmClient, norms_keys_per_layer
-from dflashkit.io import JsonlAppender, atomic_write_json
+from dflashkit.io import JsonlAppender, atomic_write_json, require_local_model
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from dflashkit.export import load_draft, resolve_checkpoint
     from dflashkit.model import kind_of
 
+    require_local_model(args.target, "--target")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.target)

@@ -308,8 +308,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     resolve_shard(p, args)
     if (args.input is None) == (args.synthesize is None):
         p.error("give --input (answer prompts) or --synthesize N (make prompts), not both")
-    if args.concurrency < 1:
-        p.error("--concurrency must be >= 1")
+    for flag, value in (("--concurrency", args.concurrency), ("--max-tokens", args.max_tokens)):
+        if value < 1:  # a server would refuse every request, each then retried as if it were the server's fault
+            p.error(f"{flag} must be >= 1")
+    if args.max_retries < 0 or (args.max_conversations is not None and args.max_conversations < 0):
+        p.error("--max-retries and --max-conversations must be >= 0")
     unknown = set(args.thinking_mode_map) - set(args.thinking_modes)
     if unknown:
         p.error(f"--thinking-mode-map names modes not in --thinking-modes: {sorted(unknown)}")

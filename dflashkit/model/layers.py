@@ -57,6 +57,9 @@ def default_target_layer_ids(num_layers: int, num_draft_layers: int) -> list[int
     first, last = 1, num_layers - 3
     if last < first:
         raise ValueError(f"a model with {num_layers} layers is too shallow for the DFlash layer spread [1, L-3]")
+    if num_draft_layers > last - first + 1:
+        raise ValueError(f"{num_draft_layers} target layers do not fit the spread [1, {last}] of a {num_layers}-layer "
+                         "model (distinct layers)")
     return [round(first + i * (last - first) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
 
 

@@ -25,11 +25,13 @@ from pathlib import Path
 
 import torch
 
+from dflashkit.config import ConfigError
 from dflashkit.dump import DumpFormatError, list_dump_records, load_dump_record, read_meta
 from dflashkit.dump.format import FP8, SCALE_KEYS, compute_dtype, dequantize_fp8
 from dflashkit.model import TargetHead
 from dflashkit.model.layers import CONVENTION
 from dflashkit.model.masks import block_labels
+from dflashkit.shards import UnusableInput
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +46,17 @@ def read_dump_dirs(dump_dirs: list[str]) -> tuple[dict, list[Path]]:
     for directory in dump_dirs:
         this = read_meta(directory)
         if this["layer_id_convention"] != CONVENTION:
-            raise ValueError(f"dump dir {directory}: layer ids follow {this['layer_id_convention']!r}, the trainer "
+            raise ConfigError(f"dump dir {directory}: layer ids follow {this['layer_id_convention']!r}, the trainer "
                              f"expects {CONVENTION!r}")
         if meta is None:
             meta = this
         else:
             diff = {k: (meta[k], this[k]) for k in COMPATIBLE_META_KEYS if meta[k] != this[k]}
             if diff:
-                raise ValueError(f"dump dir {directory} does not match {dump_dirs[0]}: {diff}")
+                raise ConfigError(f"dump dir {directory} does not match {dump_dirs[0]}: {diff}")
         found = list_dump_records(directory)
         if not found:
-            raise ValueError(f"dump dir {directory} holds no records")
+            raise UnusableInput(f"dump dir {directory} holds no records")
         paths += found
     return meta, paths
 
@@ -65,7 +67,7 @@ def split_heldout(paths: list[Path], count: int) -> tuple[list[Path], list[Path]
     if count == 0:
         return paths, []
     if count >= len(paths):
-        raise ValueError(f"data.heldout_records={count} leaves none of the {len(paths)} records for training")
+        raise ConfigError(f"data.heldout_records={count} leaves none of the {len(paths)} records for training")
     chosen = set(torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))[:count].tolist())
     return ([p for i, p in enumerate(paths) if i not in chosen], [p for i, p in enumerate(paths) if i in chosen])
 
@@ -75,7 +77,7 @@ def heldout_micro_batches(num_records: int, world_size: int, rank: int, micro_ba
     gets the same number (FSDP2's forward is collective), so the last num_records % world_size are not scored."""
     per_rank = num_records // world_size
     if per_rank == 0:
-        raise ValueError(f"data.heldout_records={num_records} is fewer than one record per rank ({world_size})")
+        raise ConfigError(f"data.heldout_records={num_records} is fewer than one record per rank ({world_size})")
     mine = range(rank * per_rank, (rank + 1) * per_rank)
     return [[(i, 0) for i in mine[s: s + micro_batch_size]] for s in range(0, per_rank, micro_batch_size)]
 
@@ -190,7 +192,7 @@ class DumpSource:
         self.meta, self.records = read_dump_dirs(cfg.data.dump_dirs)
         self.heldout = None  # the held-out records are drawn from these (data.heldout_records)
         if cfg.loss.kd_weight > 0 and self.meta["final_state"] == "none":
-            raise ValueError(f"loss.kd_weight > 0 needs the final state, and {cfg.data.dump_dirs} were dumped "
+            raise ConfigError(f"loss.kd_weight > 0 needs the final state, and {cfg.data.dump_dirs} were dumped "
                              "with --no-final-state")
 
     def describe(self) -> str:
@@ -302,7 +304,7 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         steps = self.num_records // self.global_batch
         if steps == 0:
-            raise ValueError(f"{self.num_records} records are fewer than one global batch of {self.global_batch} "
+            raise ConfigError(f"{self.num_records} records are fewer than one global batch of {self.global_batch} "
                              "(world x micro_batch_size x grad_accum)")
         return steps
 

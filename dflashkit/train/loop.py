@@ -38,19 +38,30 @@ log = logging.getLogger(__name__)
 SOURCES = {"dump": data.DumpSource, "online": online.OnlineSource}  # data.source -> where records and states come from
 
 
+def target_config(target_model: str) -> dict:
+    """The target's config.json: target_model is a local HF model folder (the head's tensors are read from it too)."""
+    path = Path(target_model) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"target_model {target_model}: no config.json there (a local HF model folder is needed)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def draft_config(cfg: TrainConfig, meta: dict) -> DFlashConfig:
-    with open(Path(cfg.target_model) / "config.json", encoding="utf-8") as f:
-        target = json.load(f)
+    target = target_config(cfg.target_model)
     m = cfg.model
     overrides = {k: v for k, v in {"intermediate_size": m.intermediate_size, "num_attention_heads": m.num_attention_heads,
                                        "num_key_value_heads": m.num_key_value_heads, "head_dim": m.head_dim,
                                        "max_position_embeddings": m.max_position_embeddings}.items() if v is not None}
     overrides.update(OBJECTIVES[m.kind].config_overrides(m))
-    dcfg = KINDS[m.kind].config.for_target(target, num_hidden_layers=m.num_layers,
-                                           target_layer_ids=meta["target_layer_ids"], mask_token_id=m.mask_token_id,
-                                           block_size=m.block_size, **overrides)
+    try:
+        dcfg = KINDS[m.kind].config.for_target(target, num_hidden_layers=m.num_layers,
+                                               target_layer_ids=meta["target_layer_ids"],
+                                               mask_token_id=m.mask_token_id, block_size=m.block_size, **overrides)
+    except ValueError as e:  # the draft the recipe asks for does not fit this target (e.g. a mask token past its vocab)
+        raise ConfigError(f"model: {e}") from None
     if (dcfg.hidden_size, dcfg.num_target_layers) != (meta["hidden_size"], meta["num_hidden_layers"]):
-        raise ValueError(f"the dump (hidden {meta['hidden_size']}, {meta['num_hidden_layers']} layers) was not made "
+        raise ConfigError(f"the dump (hidden {meta['hidden_size']}, {meta['num_hidden_layers']} layers) was not made "
                          f"from {cfg.target_model} (hidden {dcfg.hidden_size}, {dcfg.num_target_layers} layers)")
     return dcfg
 
@@ -99,7 +110,7 @@ class Trainer:
         # Slots per block of the label layout (objectives.py): the loader's targets and the acceptance figures.
         self.label_width = self.objective.label_width(dcfg.block_size)
         if self.head.vocab_size <= dcfg.mask_token_id or self.head.hidden_size != dcfg.hidden_size:
-            raise ValueError(f"target head {list(self.head.lm_head.shape)} does not fit the draft "
+            raise ConfigError(f"target head {list(self.head.lm_head.shape)} does not fit the draft "
                              f"(hidden {dcfg.hidden_size}, mask_token_id {dcfg.mask_token_id})")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         with d.device:  # initialized where it trains: a 1-2 B-parameter draft takes tens of seconds on the CPU
@@ -280,11 +291,18 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     latest = checkpoint.latest_checkpoint(ckpt_root)
     if latest is not None and not resume:
         raise SystemExit(f"{ckpt_root} holds checkpoints; pass --resume to continue, or choose another output_dir")
+    target_config(cfg.target_model)  # a wrong path is named here, before a source loads the target from it
     source = SOURCES[cfg.data.source](cfg, d.device, torch.bfloat16 if uses_bf16(cfg, d) else torch.float32)
     meta = source.meta
     paths, heldout_paths = ((source.records, source.heldout) if source.heldout is not None else
                             data.split_heldout(source.records, cfg.data.heldout_records))
     dcfg = draft_config(cfg, meta)
+    o = cfg.optim
+    grouped = cfg.data.group_by_length
+    plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed, grouped,
+                          source.sizes(paths) if grouped else None)
+    spe = plan.steps_per_epoch  # fewer records than one global batch are refused here, before anything is written
+    total = o.max_steps or o.epochs * spe
     if d.is_main:
         log.info("resolved configuration:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
         log.info("draft: %s", json.dumps(dcfg.to_dict()))
@@ -294,10 +312,6 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
     # The frozen target head in bf16 on GPU (the vocabulary matrices are the biggest tensors we hold).
     head = source.head()
     trainer = Trainer(cfg, d, meta["final_state"], dcfg, head, resuming=resume and latest is not None)
-    o = cfg.optim
-    grouped = cfg.data.group_by_length
-    plan = data.BatchPlan(len(paths), d.world_size, cfg.data.micro_batch_size, o.grad_accum, cfg.seed, grouped,
-                          source.sizes(paths) if grouped else None)
     position = {"num_records": plan.num_records, "global_batch": plan.global_batch, "seed": cfg.seed}
     if cfg.data.source != "dump":
         position["source"] = cfg.data.source
@@ -305,7 +319,6 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
         position["group_by_length"] = grouped
     dataset = source.dataset(paths, cfg.data.num_anchors)
     bad = BadRecords(dataset, cfg.data.max_bad_records)
-    total = o.max_steps or o.epochs * plan.steps_per_epoch
     step = 0
     if resume and latest is not None:
         state = checkpoint.load_checkpoint(latest, trainer.model, trainer.optimizer, d)
@@ -322,10 +335,9 @@ def _train(cfg: TrainConfig, resume: bool, d: Dist) -> int:
                                                    cfg.data.micro_batch_size)
     metrics = MetricsLog(out, cfg.tensorboard) if d.is_main else None
     if d.is_main:
-        log.info("%d steps (%d per epoch, global batch %d)", total, plan.steps_per_epoch, plan.global_batch)
+        log.info("%d steps (%d per epoch, global batch %d)", total, spe, plan.global_batch)
     cuda = d.device.type == "cuda"
     # One loader for the rest of the run (its workers start once, not at every epoch), then copied ahead to the GPU.
-    spe = plan.steps_per_epoch
     micro = [m for epoch in range(step // spe, -(-total // spe))
              for m in plan.micro_batches(epoch, max(step - epoch * spe, 0), d.rank)][: (total - step) * o.grad_accum]
     # The loader computes the block targets in the objective's label layout (width B, or B + 1 for DSpark).

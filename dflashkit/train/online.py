@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
+from dflashkit.config import ConfigError
 from dflashkit.dump.format import dtype_name
 from dflashkit.dump.records import generated_files, generated_record, record_messages
 from dflashkit.formats import BadRecord, parse_line
@@ -39,6 +40,7 @@ from dflashkit.model.layers import (
     hidden_size,
     num_hidden_layers,
 )
+from dflashkit.shards import UnusableInput
 from dflashkit.train.data import AnchoredDataset, BadRecordError
 from dflashkit.train.profile import TARGET_FORWARD
 
@@ -87,14 +89,14 @@ def index_generated(inputs: list[str]) -> tuple[list[Path], list[LineRef]]:
         found = []
         for path in generated_files(spec):
             if path.suffix != ".jsonl":
-                raise ValueError(f"{path}: online training reads .jsonl generate shards")
+                raise ConfigError(f"{path}: online training reads .jsonl generate shards")
             files.append(path)
             for offset, lineno, raw in _lines(path):
                 rec = generated_record(*parse_line(raw, f"{path.name}:{lineno}"), len(found))
                 found.append(LineRef(len(files) - 1, offset, lineno, rec.id, record_size(rec.record, raw)))
         refs += sorted(found, key=lambda r: r.id + ".pt")  # as list_dump_records sorts `<id>.pt`
     if not refs:
-        raise ValueError(f"data.online.inputs {inputs} hold no records")
+        raise UnusableInput(f"data.online.inputs {inputs} hold no records")
     return files, refs
 
 
@@ -145,9 +147,13 @@ def online_meta(target_model: str, online) -> dict:
 
     config = AutoConfig.from_pretrained(target_model)
     n_layers = num_hidden_layers(config)
-    ids = online.target_layer_ids or default_target_layer_ids(n_layers, online.num_target_layers)
-    return {"target_layer_ids": check_target_layer_ids(ids, n_layers), "hidden_size": hidden_size(config),
-            "num_hidden_layers": n_layers, "final_state": FINAL_STATE}
+    try:
+        ids = online.target_layer_ids or default_target_layer_ids(n_layers, online.num_target_layers)
+        ids = check_target_layer_ids(ids, n_layers)
+    except ValueError as e:
+        raise ConfigError(f"data.online: {e}") from None
+    return {"target_layer_ids": ids, "hidden_size": hidden_size(config), "num_hidden_layers": n_layers,
+            "final_state": FINAL_STATE}
 
 
 def length_groups(lengths: list[int], forward_cost: int,

@@ -50,9 +50,81 @@ def test_a_bad_override_is_one_line(command, bad, capsys):
 def test_train_config_error_and_missing_dump_dir(bad, capsys):
     assert cli.main(["train", f"output_dir={bad}/t", "target_model=m", f"data.dump_dirs=[{bad}/none]"]) == 2
     one_line(capsys, "dflashkit train: ", "model.mask_token_id must be set")
-    assert cli.main(["train", f"output_dir={bad}/t", "target_model=m", "model.mask_token_id=0",
+    assert cli.main(["train", f"output_dir={bad}/t", f"target_model={bad}/none", "model.mask_token_id=0",
+                     f"data.dump_dirs=[{bad}/none]"]) == 2
+    one_line(capsys, "dflashkit train: ", f"target_model {bad}/none: no config.json there")
+    (bad / "target").mkdir()
+    (bad / "target" / "config.json").write_text("{}")
+    assert cli.main(["train", f"output_dir={bad}/t", f"target_model={bad}/target", "model.mask_token_id=0",
                      f"data.dump_dirs=[{bad}/none]"]) == 2
     one_line(capsys, "dflashkit train: ", f"{bad}/none/meta.json")
+
+
+def test_train_of_a_missing_recipe(bad, capsys):
+    assert cli.main(["train", "--config", str(bad / "missing.yaml")]) == 2
+    one_line(capsys, f"dflashkit train: {bad}/missing.yaml: No such file or directory")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.heldout_records=8", "data.heldout_records=8 leaves none of the 8 records for training"),
+    ("data.micro_batch_size=16", "8 records are fewer than one global batch of 16"),
+    ("model.mask_token_id=49152", "model: mask_token_id 49152 is not below vocab_size 49152"),
+])
+def test_a_recipe_that_does_not_fit_the_data_or_target_is_one_line(override, message, smollm2_dump, prepared,
+                                                                    bad, capsys):
+    """Checks made once the dump and target are read (not by the recipe's own validation) are the user's mistake
+    too: one line and exit 2, before anything is trained or written."""
+    assert cli.main(["train", f"output_dir={bad}/t", f"target_model={prepared['model']}", "model.mask_token_id=16",
+                     f"data.dump_dirs=[{smollm2_dump}]", "data.num_workers=0", override]) == 2
+    one_line(capsys, "dflashkit train: ", message)
+    assert not (bad / "t").exists()
+
+
+def test_an_empty_dump_dir_stops_the_stage(smollm2_dump, prepared, bad, caplog, capsys):
+    """Nothing to train on is the stage's failure (exit 1, one log line), as in the dump and generate stages."""
+    empty = bad / "empty"
+    empty.mkdir()
+    (empty / "meta.json").write_text((smollm2_dump / "meta.json").read_text())
+    assert cli.main(["train", f"output_dir={bad}/t", f"target_model={prepared['model']}", "model.mask_token_id=16",
+                     f"data.dump_dirs=[{empty}]"]) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"train stopped: dump dir {empty} holds no records"]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_dump_layer_ids_that_do_not_fit_the_model(prepared, bad, capsys):
+    (bad / "in.jsonl").write_text('{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}\n')
+    for flag, message in ((["--target-layer-ids", "1,99"], "target layer ids [1, 99] must lie in [0, 28]"),
+                          (["--num-draft-layers", "40"], "40 target layers do not fit the spread [1, 27]")):
+        assert cli.main(["dump", "--backend", "hf", "--model", str(prepared["model"]), "--input", str(bad / "in.jsonl"),
+                         "--output-dir", str(bad / "dump"), *flag]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (bad / "dump").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dump", "--backend", "hf", "--model", "{bad}/none", "--input", "{bad}/in.jsonl", "--output-dir", "{bad}/d"],
+     "--model {bad}/none: no such file or directory"),
+    (["eval", "--draft", "{bad}/none", "--target", "{bad}/none", "--out", "{bad}/e", "--mtbench", "{bad}/in.jsonl"],
+     "--target {bad}/none: no such file or directory"),
+])
+def test_a_model_path_that_is_not_there_is_named(argv, message, bad, caplog, capsys):
+    """A user's mistake (exit 2), not HF's word that '/path' is a malformed hub id."""
+    (bad / "in.jsonl").write_text('{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}\n')
+    assert cli.main([a.format(bad=bad) for a in argv]) == 2
+    said = [capsys.readouterr().err.strip()] + [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(message.format(bad=bad) in line for line in said), said
+
+
+@pytest.mark.parametrize("flag", [["--max-tokens", "0"], ["--concurrency", "0"], ["--max-retries", "-1"]])
+def test_generate_refuses_counts_no_server_could_serve(flag, bad, capsys):
+    """Refused before a request is sent: a server would answer each with an error, retried as if it were its own."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--model", "m", "--input", str(bad / "syntax.yaml"), "--output-dir", str(bad / "g"),
+                  "--base-url", "http://127.0.0.1:9/v1", *flag])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("server_generate.py: error: " + flag[0])
+    assert not (bad / "g").exists()
 
 
 def test_a_top_level_script_shares_the_mechanism(bad):
