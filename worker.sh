@@ -44,6 +44,9 @@ esac
 TASK_NUM=${SLURM_ARRAY_TASK_ID:-${SHARD_ID:-0}}
 [[ "$TASK_NUM" =~ ^[0-9]+$ ]] || die "SHARD_ID / SLURM_ARRAY_TASK_ID must be a non-negative integer"
 [[ "$PORT_BASE" =~ ^[0-9]+$ ]] || die "PORT_BASE must be a non-negative integer"
+# A model given as a path must be there (anything else may be a hub id): said here in one line, not after the server
+# has started and printed a traceback that calls the path a malformed repo id.
+[[ "$MODEL" != [/.~]* || -e "${MODEL/#\~/$HOME}" ]] || die "MODEL $MODEL: no such file or directory"
 mkdir -p "$LOG_DIR" "$OUTPUT_DIR"
 
 # The per-job key: API_KEY if the caller set one, else made here; handed to servers and client through their

@@ -85,6 +85,15 @@ def test_worker_checked_vars_are_refused_before_use(name, make, tmp_path):
     assert created(tmp_path) == []
 
 
+@pytest.mark.parametrize("model", ["/no/such/model", "./no-such-model", "~/no-such-model"])
+def test_worker_names_a_model_path_that_is_not_there(model, tmp_path):
+    """Before any server starts (whose traceback would call the path a malformed hub id); a hub id goes on."""
+    res = run(WORKER, {"MODEL": model, "INPUT": "in", "OUTPUT_DIR": "out", "HOME": str(tmp_path)}, tmp_path)
+    assert res.returncode == 1 and res.stderr.strip() == f"worker.sh: MODEL {model}: no such file or directory"
+    hub = run(WORKER, {"MODEL": "org/model", "INPUT": "in", "OUTPUT_DIR": "out", "BACKEND": "sglang"}, tmp_path)
+    assert "starting sglang server 0" in hub.stderr, hub.stderr[-2000:]
+
+
 def test_generate_sbatch(tmp_path):
     env = {name: hostile(name) for name in WORKER_FREE_VARS if name != "DFLASHKIT_ROOT"}
     env.update(DFLASHKIT_ROOT=str(REPO), BACKEND="sglang", SHARD_ID="0")
