@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .dump.plan import ITEMSIZE, PER_FILE_OVERHEAD, dump_bytes, human
+from .io import require_local_model
 from .recipe import ROOT, Recipe, check_train_config, load_recipe
 from .stages import flags
 
@@ -298,6 +299,7 @@ def dump_only(args: argparse.Namespace) -> dict:
     if args.model:
         from transformers import AutoConfig
 
+        require_local_model(args.model, "--model")
         config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         hidden, layers = hidden_size(config), num_hidden_layers(config)
     else:

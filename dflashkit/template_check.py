@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator
 
 from .formats import BadRecord
+from .io import require_local_model
 from .templates import (
     LOCATED_REPLIES,
     MaskSource,
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_checks(args: argparse.Namespace) -> list[TemplateCheck]:
     from transformers import AutoTokenizer
 
+    require_local_model(args.tokenizer, "--tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if args.extra_special_tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": args.extra_special_tokens})

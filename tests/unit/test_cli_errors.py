@@ -107,6 +107,8 @@ def test_dump_layer_ids_that_do_not_fit_the_model(prepared, bad, capsys):
      "--model {bad}/none: no such file or directory"),
     (["eval", "--draft", "{bad}/none", "--target", "{bad}/none", "--out", "{bad}/e", "--mtbench", "{bad}/in.jsonl"],
      "--target {bad}/none: no such file or directory"),
+    (["plan", "--model", "{bad}/none", "--mean-tokens", "100"], "--model {bad}/none: no such file or directory"),
+    (["check-template", "--tokenizer", "{bad}/none"], "--tokenizer {bad}/none: no such file or directory"),
 ])
 def test_a_model_path_that_is_not_there_is_named(argv, message, bad, caplog, capsys):
     """A user's mistake (exit 2), not HF's word that '/path' is a malformed hub id."""
