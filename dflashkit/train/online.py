@@ -32,6 +32,7 @@ from dflashkit.config import ConfigError
 from dflashkit.dump.format import dtype_name
 from dflashkit.dump.records import generated_files, generated_record, record_messages
 from dflashkit.formats import BadRecord, parse_line
+from dflashkit.io import require_local_model
 from dflashkit.model import TargetHead
 from dflashkit.model.layers import (
     FINAL_STATE,
@@ -363,7 +364,12 @@ class OnlineSource:
             files, refs = index_generated(o.heldout_inputs)
             self.heldout = [dataclasses.replace(r, file=r.file + len(self.files)) for r in refs]
             self.files += files
-        self.template = read_template(o.chat_template) if o.chat_template else None  # None: the tokenizer's own
+        try:  # None: the tokenizer's own
+            self.template = read_template(o.chat_template) if o.chat_template else None
+        except OSError as e:
+            raise ConfigError(f"data.online.chat_template: {e}") from None
+        if o.tokenizer:
+            require_local_model(o.tokenizer, "data.online.tokenizer")
         # What the workers will render with, checked once here: no template at all stops the run before it starts.
         source = mask_source(AutoTokenizer.from_pretrained(o.tokenizer or cfg.target_model), self.template,
                              o.end_of_turn or None)

@@ -135,3 +135,17 @@ def test_a_top_level_script_shares_the_mechanism(bad):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip() == (f"train_dflash.py: {bad}/syntax.yaml: line 3, column 1: expected ',' or ']', but got "
                                   "'<stream end>' (while parsing a flow sequence)")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.online.tokenizer={bad}/none", "data.online.tokenizer {bad}/none: no such file or directory"),
+    ("data.online.chat_template=no-such-template", "data.online.chat_template: chat template 'no-such-template'"),
+    ("data.online.target_layer_ids=[1,99]", "data.online: target layer ids [1, 99] must lie in [0, 28]"),
+])
+def test_online_settings_that_do_not_fit_are_one_line(override, message, prepared, bad, capsys):
+    (bad / "gen").mkdir()
+    (bad / "gen" / "shard-00000-of-00001.jsonl").write_text(
+        '{"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "Hello."}]}\n')
+    assert cli.main(["train", f"output_dir={bad}/t", f"target_model={prepared['model']}", "model.mask_token_id=16",
+                     "data.source=online", f"data.online.inputs=[{bad}/gen]", override.format(bad=bad)]) == 2
+    one_line(capsys, "dflashkit train: ", message.format(bad=bad))
