@@ -85,6 +85,8 @@ def slurm_shard_defaults(num_shards: int | None, env=os.environ) -> tuple[int, i
 
 def resolve_shard(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill args.shard_id / args.num_shards from the flags or the Slurm array; parser.error on a bad combination."""
+    if args.num_shards is not None and args.num_shards < 1:
+        parser.error(f"--num-shards must be >= 1, not {args.num_shards}")
     if args.shard_id is None:
         slurm = slurm_shard_defaults(args.num_shards)
         args.shard_id, slurm_count = slurm if slurm else (0, 1)

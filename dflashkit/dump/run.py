@@ -109,6 +109,8 @@ def parse_args(argv: list[str] | None, prog: str, backend: str | None) -> argpar
     resolve_shard(p, args)
     if args.max_seq_len < 2:
         p.error("--max-seq-len must be >= 2")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
     args.batch_size = args.batch_size or (64 if args.backend == "vllm" else 1)
     return args
 
@@ -201,7 +203,10 @@ def run_shard(args: argparse.Namespace) -> int:
     if args.tokenizer:
         require_local_model(args.tokenizer, "--tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
-    template = read_template(args.chat_template) if args.chat_template else None  # None: the tokenizer's own
+    try:  # None: the tokenizer's own
+        template = read_template(args.chat_template) if args.chat_template else None
+    except OSError as e:  # a template name that is not there: the flag's mistake, before anything is written
+        raise ConfigError(f"--chat-template: {e}") from None
     source = resolve_mask_source(tokenizer, template, args.end_of_turn)
     static = resolve_model(args, source)
     log.info("target layers %s (%s); final state %s; stored as %s; loss mask: %s of %s", static["target_layer_ids"],

@@ -92,12 +92,19 @@ def test_an_empty_dump_dir_stops_the_stage(smollm2_dump, prepared, bad, caplog, 
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_dump_layer_ids_that_do_not_fit_the_model(prepared, bad, capsys):
+def test_dump_flags_that_do_not_fit_the_model(prepared, bad, capsys):
     (bad / "in.jsonl").write_text('{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}\n')
     for flag, message in ((["--target-layer-ids", "1,99"], "target layer ids [1, 99] must lie in [0, 28]"),
-                          (["--num-draft-layers", "40"], "40 target layers do not fit the spread [1, 27]")):
-        assert cli.main(["dump", "--backend", "hf", "--model", str(prepared["model"]), "--input", str(bad / "in.jsonl"),
-                         "--output-dir", str(bad / "dump"), *flag]) == 2
+                          (["--num-draft-layers", "40"], "40 target layers do not fit the spread [1, 27]"),
+                          (["--chat-template", "no-such-template"], "--chat-template: chat template 'no-such"),
+                          (["--batch-size", "0"], "--batch-size must be >= 1"),
+                          (["--num-shards", "0"], "--num-shards must be >= 1")):
+        try:
+            code = cli.main(["dump", "--backend", "hf", "--model", str(prepared["model"]), "--input",
+                             str(bad / "in.jsonl"), "--output-dir", str(bad / "dump"), *flag])
+        except SystemExit as e:  # argparse's own refusal
+            code = e.code
+        assert code == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
         assert not (bad / "dump").exists()
 
