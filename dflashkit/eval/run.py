@@ -266,7 +266,14 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dflashkit.serve import glue_value
 
-    args = parser().parse_args(glue_value(sys.argv[1:] if argv is None else argv, "--vllm-extra-args"))
+    p = parser()
+    args = p.parse_args(glue_value(sys.argv[1:] if argv is None else argv, "--vllm-extra-args"))
+    counts = {"--max-new-tokens": args.max_new_tokens, "--heldout-count": args.heldout_count,
+              "--per-category": args.per_category, "--limit": args.limit}
+    for flag in [f for f, v in counts.items() if v is not None and v < 1]:
+        p.error(f"{flag} must be >= 1")  # an eval of nothing would report tau n/a and exit 0
+    if args.heldout_skip < 0 or args.sampling_temperature < 0:
+        p.error("--heldout-skip and --sampling-temperature must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("eval configuration: %s", json.dumps(vars(args)))
     try:

@@ -156,3 +156,13 @@ def test_online_settings_that_do_not_fit_are_one_line(override, message, prepare
     assert cli.main(["train", f"output_dir={bad}/t", f"target_model={prepared['model']}", "model.mask_token_id=16",
                      "data.source=online", f"data.online.inputs=[{bad}/gen]", override.format(bad=bad)]) == 2
     one_line(capsys, "dflashkit train: ", message.format(bad=bad))
+
+
+@pytest.mark.parametrize("flag, message", [(["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+                                           (["--limit", "-1"], "--limit must be >= 1"),
+                                           (["--sampling-temperature", "-1"], "--sampling-temperature must be >= 0")])
+def test_eval_refuses_an_eval_of_nothing(flag, message, bad, capsys):
+    """Refused before the target loads: --max-new-tokens 0 used to report 'tau n/a' and exit 0."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--draft", str(bad), "--target", str(bad), "--out", str(bad / "e"), *flag])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
