@@ -111,9 +111,9 @@ class DataSpec:
         self.online.validate()
         if self.max_bad_records < -1:
             raise ValueError("data.max_bad_records must be >= 0, or -1 for no limit")
-        if min(self.max_seq_len, self.num_anchors, self.micro_batch_size, self.heldout_anchors) < 1 \
+        if min(self.max_seq_len - 1, self.num_anchors, self.micro_batch_size, self.heldout_anchors) < 1 \
                 or self.num_workers < 0:
-            raise ValueError("data sizes must be positive")
+            raise ValueError("data sizes must be positive (data.max_seq_len at least 2: an anchor and a token after it)")
         if self.heldout_records < 0 or self.group_by_length < 0:
             raise ValueError("data.heldout_records and data.group_by_length must be >= 0")
         if self.online.heldout_inputs and (self.source != "online" or self.heldout_records):
@@ -138,8 +138,11 @@ class OptimSpec:
     def validate(self) -> None:
         if self.grad_accum < 1 or self.epochs < 1 or self.max_steps < 0 or self.warmup_steps < 0:
             raise ValueError("optim.grad_accum and optim.epochs must be >= 1; steps must be >= 0")
-        if len(self.betas) != 2:
-            raise ValueError("optim.betas must have two values")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("optim.betas must be two values in [0, 1)")
+        # AdamW's own refusals would come as a traceback after the model is built: said here, with the key.
+        if not (self.lr > 0 and self.eps > 0 and self.weight_decay >= 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError("lr and eps must be > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1")
 
 
 @dataclass

@@ -166,3 +166,15 @@ def test_eval_refuses_an_eval_of_nothing(flag, message, bad, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--draft", str(bad), "--target", str(bad), "--out", str(bad / "e"), *flag])
     assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(message)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "optim: lr and eps must be > 0"), ("optim.weight_decay=-0.1", "weight_decay >= 0"),
+    ("optim.min_lr_ratio=2", "0 <= min_lr_ratio <= 1"), ("optim.betas=[0.9,1.5]", "optim.betas must be two values"),
+    ("data.max_seq_len=1", "data.max_seq_len at least 2"),
+])
+def test_train_values_the_optimizer_or_data_cannot_take(override, message, bad, capsys):
+    """Refused with the recipe (AdamW's own refusal came as a traceback after the model was built)."""
+    assert cli.main(["train", f"output_dir={bad}/t", "target_model=m", "model.mask_token_id=0",
+                     f"data.dump_dirs=[{bad}/none]", override]) == 2
+    one_line(capsys, "dflashkit train: ", message)
