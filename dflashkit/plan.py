@@ -36,7 +36,7 @@ from .config import ConfigError
 from .dump.plan import ITEMSIZE, PER_FILE_OVERHEAD, dump_bytes, human
 from .io import require_local_model
 from .recipe import ROOT, Recipe, check_train_config, load_recipe
-from .stages import flags
+from .stages import dump_settings, eval_command, flags
 
 # Measured here: 2,979 ShareGPT conversations are 21.1 MB of JSONL for 4.82M tokens (SmolLM2's tokenizer), and a
 # generated record carries ~520 bytes of id, thinking mode and generation metadata besides its text (2 turns).
@@ -72,18 +72,6 @@ class StageCost:
     @property
     def gpu_hours(self) -> float | None:
         return None if self.throughput is None else self.tokens / self.throughput[0] / 3600
-
-
-def dump_settings(recipe: Recipe) -> argparse.Namespace:
-    """The recipe's dump args as the dump script resolves them (its defaults included)."""
-    from .dump.run import build_parser
-
-    parser = build_parser(f"compute_hidden_states_{recipe.dump.backend}.py", recipe.dump.backend)
-    try:
-        return parser.parse_args(["--model", recipe.model.path, "--input", "-", "--output-dir", "-",
-                                  *flags(recipe.dump.args)])
-    except SystemExit as e:
-        raise ConfigError("dump.args: not valid flags of the dump script (its message is above)") from e
 
 
 def target_facts(recipe: Recipe, dump: argparse.Namespace, target_config: str | None) -> Target:
@@ -232,20 +220,6 @@ def export_command(recipe: Recipe) -> list[str]:
     run_dir = recipe.run_dir()
     return ["dflashkit", "export", "--checkpoint", str(run_dir / "train"), "--target", recipe.model.path,
             "--out", str(run_dir / "export" / "draft"), *flags(dataclasses.asdict(recipe.export))]
-
-
-def eval_command(recipe: Recipe) -> list[str]:
-    """`dflashkit eval` of the exported draft with the recipe's eval args, checked by the eval's own parser."""
-    from .eval.run import parser
-
-    run_dir = recipe.run_dir()
-    cmd = ["dflashkit", "eval", "--draft", str(run_dir / "export" / "draft"), "--target", recipe.model.path,
-           "--out", str(run_dir / "eval"), *flags(recipe.eval.args)]
-    try:
-        parser().parse_args(cmd[2:])
-    except SystemExit as e:
-        raise ConfigError("eval.args: not valid flags of `dflashkit eval` (its message is above)") from e
-    return cmd
 
 
 def render(rows: list[StageCost], facts: dict, after: list[list[str]]) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from .formats import unknown_thinking_modes
+from .generate.settings import below_minimum
 
 STAGES = ("generate", "dump", "train", "eval")  # the recipe's stage sections; what each runs: dflashkit/stages.py
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: worker.sh, slurm/, the stage scripts
@@ -128,6 +129,8 @@ class GenerateSpec:
         unknown = unknown_thinking_modes(self.thinking_modes, self.thinking_mode_map)
         if unknown:
             raise ValueError(f"generate.thinking_modes: {unknown}")
+        for s in below_minimum(lambda s: getattr(self, s.key) if s.recipe else None):  # refused at submit, not per shard
+            raise ValueError(f"generate.{s.key} must be >= {s.minimum}")
 
     def worker_env(self) -> dict[str, str]:
         """The worker.sh environment this section sets (INPUT, MODEL, OUTPUT_DIR and NUM_SHARDS come from the run)."""

@@ -9,6 +9,7 @@ has one task per shard and a marker per shard (dflashkit/shards.py); the others 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
 from .io import atomic_write_json
 from .recipe import ROOT, Recipe, SlurmSpec, check_train_config
 from .shards import EXIT_RETRYABLE, ShardFiles
@@ -99,11 +101,24 @@ def _generate(recipe: Recipe, run_dir: Path) -> StageJob:
                     g.num_shards, out, g.slurm)
 
 
+def dump_settings(recipe: Recipe) -> argparse.Namespace:
+    """The recipe's dump args as the dump script resolves them (its defaults included)."""
+    from .dump.run import parse_args
+
+    try:  # the script's own checks too (--batch-size, --max-seq-len), as each shard would make them
+        return parse_args(["--model", recipe.model.path, "--input", "-", "--output-dir", "-", "--num-shards", "1",
+                           "--shard-id", "0", *flags(recipe.dump.args)],
+                          f"compute_hidden_states_{recipe.dump.backend}.py", recipe.dump.backend)
+    except SystemExit as e:
+        raise ConfigError("dump.args: not valid flags of the dump script (its message is above)") from e
+
+
 def _dump(recipe: Recipe, run_dir: Path) -> StageJob:
     d = recipe.dump
     script = ROOT / f"compute_hidden_states_{d.backend}.py"
     if not script.exists():
         raise StageUnavailable(f"the dump stage is not in this checkout yet ({script.name} is missing)")
+    dump_settings(recipe)  # a flag the dump script refuses is refused at submit, not after the generate stage
     out = run_dir / "dump"
     env = {"MODEL": recipe.model.path, "INPUT": str(run_dir / "generate"), "OUTPUT_DIR": str(out),
            "NUM_SHARDS": str(d.num_shards), "DUMP_BACKEND": d.backend, **d.env}
@@ -127,7 +142,22 @@ def _train(recipe: Recipe, run_dir: Path) -> StageJob:
                     t.slurm, is_array=False, upstream=run_dir / "dump")
 
 
+def eval_command(recipe: Recipe) -> list[str]:
+    """`dflashkit eval` of the exported draft with the recipe's eval args, checked by the eval's own parser."""
+    from .eval.run import parse_args
+
+    run_dir = recipe.run_dir()
+    cmd = ["dflashkit", "eval", "--draft", str(run_dir / "export" / "draft"), "--target", recipe.model.path,
+           "--out", str(run_dir / "eval"), *flags(recipe.eval.args)]
+    try:
+        parse_args(cmd[2:])
+    except SystemExit as e:
+        raise ConfigError("eval.args: not valid flags of `dflashkit eval` (its message is above)") from e
+    return cmd
+
+
 def _eval(recipe: Recipe, run_dir: Path) -> StageJob:
+    eval_command(recipe)  # eval.args the eval refuses are refused at submit, not after training
     return StageJob("eval", None, [str(run_dir)], dict(_common_env(run_dir)), 1, run_dir / "eval", recipe.eval.slurm,
                     is_array=False, upstream=run_dir / "train", function="dflashkit.finish:export_and_eval")
 

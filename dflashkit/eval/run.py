@@ -263,17 +263,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dflashkit.serve import glue_value
-
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The flags, with the values no eval can use refused (argparse's exit 2): also a recipe's eval.args at submit."""
     p = parser()
-    args = p.parse_args(glue_value(sys.argv[1:] if argv is None else argv, "--vllm-extra-args"))
+    args = p.parse_args(argv)
     counts = {"--max-new-tokens": args.max_new_tokens, "--heldout-count": args.heldout_count,
               "--per-category": args.per_category, "--limit": args.limit}
     for flag in [f for f, v in counts.items() if v is not None and v < 1]:
         p.error(f"{flag} must be >= 1")  # an eval of nothing would report tau n/a and exit 0
     if args.heldout_skip < 0 or args.sampling_temperature < 0:
         p.error("--heldout-skip and --sampling-temperature must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dflashkit.serve import glue_value
+
+    args = parse_args(glue_value(sys.argv[1:] if argv is None else argv, "--vllm-extra-args"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("eval configuration: %s", json.dumps(vars(args)))
     try:

@@ -55,7 +55,7 @@ from ..shards import (
 from . import synth
 from .client import ConversationFailed, SamplingConfig, regenerate
 from .inputs import InputRecord, iter_inputs, shard_of
-from .settings import default
+from .settings import below_minimum, default
 
 log = logging.getLogger("dflashkit.generate")
 
@@ -308,11 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     resolve_shard(p, args)
     if (args.input is None) == (args.synthesize is None):
         p.error("give --input (answer prompts) or --synthesize N (make prompts), not both")
-    for flag, value in (("--concurrency", args.concurrency), ("--max-tokens", args.max_tokens)):
-        if value < 1:  # a server would refuse every request, each then retried as if it were the server's fault
-            p.error(f"{flag} must be >= 1")
-    if args.max_retries < 0 or (args.max_conversations is not None and args.max_conversations < 0):
-        p.error("--max-retries and --max-conversations must be >= 0")
+    # A value no server could serve would fail every request, each retried as if it were the server's fault.
+    for s in below_minimum(lambda s: getattr(args, s.key, None) if s.flag else None):
+        p.error(f"{s.flag} must be >= {s.minimum}")
     unknown = set(args.thinking_mode_map) - set(args.thinking_modes)
     if unknown:
         p.error(f"--thinking-mode-map names modes not in --thinking-modes: {sorted(unknown)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -20,6 +21,7 @@ class Setting:
     flag: str | None = None  # server_generate.py's flag; None: worker.sh reads it itself
     recipe: bool = True  # a key of the recipe's generate section (lower case); False: the run sets it
     shown: str | None = None  # the default as the docs show it, when it is not a plain value
+    minimum: float | None = None  # the least value that can work; below it the client and the recipe refuse it
 
     @property
     def key(self) -> str:
@@ -38,11 +40,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("BACKEND", "vllm", "`vllm` or `sglang`"),
     Setting("SERVED_MODEL_NAME", None, "name the server serves the model under", "--model", recipe=False,
             shown="`$MODEL`"),
-    Setting("TP_SIZE", 1, "tensor parallel size per server"),
+    Setting("TP_SIZE", 1, "tensor parallel size per server", minimum=1),
     Setting("SERVERS_PER_NODE", 1, "servers per task, each on its own `TP_SIZE` GPUs of `CUDA_VISIBLE_DEVICES`, the "
-            "client spreading requests over them"),
+            "client spreading requests over them", minimum=1),
     Setting("SERVER_STARTUP_TIMEOUT", 1800, "seconds to wait for `/health`; a server that exits while starting fails "
-            "the task at once, with its log tail"),
+            "the task at once, with its log tail", minimum=1),
     Setting("PORT_BASE", 20000, "preferred port base (a busy port moves to a free one)"),
     Setting("VLLM_SERVE_EXTRA_ARGS", None, "extra vLLM server flags, split with shell word rules (quotes group; "
             "nothing is expanded or executed), one word (`--enforce-eager`, `--max-model-len=2048`) or many; `--host`, "
@@ -68,15 +70,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OUTPUT_FORMAT", "oai", "`oai` (`messages`) or `sharegpt` (`conversations`)", "--output-format"),
     Setting("ON_LENGTH", "keep", "a reply cut at `MAX_TOKENS`: `keep` it marked truncated, or `drop` the "
             "conversation", "--on-length"),
-    Setting("TEMPERATURE", 0.7, "sampling temperature", "--temperature"),
+    Setting("TEMPERATURE", 0.7, "sampling temperature", "--temperature", minimum=0),
     Setting("TOP_P", 1.0, "nucleus sampling", "--top-p"),
-    Setting("MAX_TOKENS", 2048, "tokens per reply", "--max-tokens"),
+    Setting("MAX_TOKENS", 2048, "tokens per reply", "--max-tokens", minimum=1),
     Setting("SEED", None, "sampling seed", "--seed"),
     Setting("SYSTEM_PROMPT", None, "added to conversations that have no system turn", "--system-prompt"),
-    Setting("CONCURRENCY", 64, "in-flight conversations", "--concurrency"),
+    Setting("CONCURRENCY", 64, "in-flight conversations", "--concurrency", minimum=1),
     Setting("REQUEST_TIMEOUT", 600.0, "seconds per request", "--request-timeout"),
-    Setting("MAX_RETRIES", 5, "retries on connection errors, 429 and 5xx", "--max-retries"),
-    Setting("MAX_CONVERSATIONS", None, "read only the first N input records", "--max-conversations"),
+    Setting("MAX_RETRIES", 5, "retries on connection errors, 429 and 5xx", "--max-retries", minimum=0),
+    Setting("MAX_CONVERSATIONS", None, "read only the first N input records", "--max-conversations", minimum=0),
     Setting("DFLASHKIT_ROOT", None, "the dflashkit checkout, when the script runs from a copy (sbatch's spool dir)",
             recipe=False, shown="next to the script"),
     Setting("LOG_DIR", None, "server logs", recipe=False, shown="`$OUTPUT_DIR/logs`"),
@@ -85,6 +87,12 @@ SETTINGS: tuple[Setting, ...] = (
             recipe=False, shown="a fresh key"),
 )
 BY_VAR = {s.var: s for s in SETTINGS}
+
+
+def below_minimum(value_of: Callable[[Setting], Any]) -> list[Setting]:
+    """The settings whose value (`value_of(setting)`, None: not set) is below the least that can work: refused by
+    server_generate.py's parser and by the recipe's generate section alike, before any server starts."""
+    return [s for s in SETTINGS if s.minimum is not None and (v := value_of(s)) is not None and v < s.minimum]
 
 
 def default(var: str) -> Any:

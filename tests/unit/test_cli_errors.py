@@ -178,3 +178,19 @@ def test_train_values_the_optimizer_or_data_cannot_take(override, message, bad, 
     assert cli.main(["train", f"output_dir={bad}/t", "target_model=m", "model.mask_token_id=0",
                      f"data.dump_dirs=[{bad}/none]", override]) == 2
     one_line(capsys, "dflashkit train: ", message)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dump.args.batch_size=0", "dump.args: not valid flags of the dump script"),
+    ("dump.args.no_such_flag=1", "dump.args: not valid flags of the dump script"),
+    ("eval.args.max_new_tokens=0", "eval.args: not valid flags of `dflashkit eval`"),
+    ("generate.max_tokens=0", "generate.max_tokens must be >= 1"),
+    ("generate.tp_size=0", "generate.tp_size must be >= 1"),
+])
+def test_submit_refuses_what_a_later_stage_would(override, message, bad, capsys):
+    """A dump flag, eval flag or generate value that its stage refuses is refused at submit, not after the stages
+    before it have run for hours (the stage's own parser says why above the line)."""
+    assert cli.main(["submit", "--recipe", str(DEMO), "--dry-run", "--stages", "generate,dump,train,eval",
+                     f"run.dir={bad}/run", override]) == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (bad / "run").exists()
