@@ -10,7 +10,9 @@
 # N: the training records of PROMPTS (the held-out ones after them are not answered). SYNTH: prompts to synthesize
 # (default 200000; the stage ends at its deadline with what it has; 0 skips synthesis), SYNTH_SEED its seed (1: the
 # kept prompts' run; a later run takes another), SYNTH_EXCLUDE more prompt sets to keep new prompts apart from (the
-# kept synthesized ones; PROMPTS always). CHECK=0 skips the check.
+# kept synthesized ones; PROMPTS always), SYNTH_OPENERS the openings of the synthesized user turns (default
+# configs/synth/openers.txt; "" lets the model write the whole turn, as the kept sets of 2026-11/12-01/12-02 did).
+# CHECK=0 skips the check.
 # SLOTS, MAX_TOKENS, DTYPE. MODEL: an already converted target (then GGUF and TOK are not needed, nor converted).
 # A folder W/gen-sharegpt holding answers already (unpacked, without its done-marker) is answered only for the rest.
 set -uo pipefail
@@ -49,8 +51,10 @@ pack sharegpt "$W/gen-sharegpt"
 if (( SYNTH > 0 )); then
     rest=$(left 60)
     read -r -a exclude <<<"${SYNTH_EXCLUDE:-}"
+    openers=(); [[ -n "${SYNTH_OPENERS-configs/synth/openers.txt}" ]] && \
+        openers=(--synth-openers "${SYNTH_OPENERS-configs/synth/openers.txt}")
     stamp synth; timeout $(( rest * 3 / 10 )) "${engine[@]}" --synthesize "$SYNTH" --synth-exclude "$PROMPTS" "${exclude[@]}" \
-        --seed "${SYNTH_SEED:-1}" --output-dir "$W/synth" > "$W/logs/synth.log" 2>&1
+        --seed "${SYNTH_SEED:-1}" "${openers[@]}" --output-dir "$W/synth" > "$W/logs/synth.log" 2>&1
     python -c 'import sys; from dflashkit.io import repair_jsonl_tail; repair_jsonl_tail(sys.argv[1])' \
         "$W/synth/prompts/shard-00000-of-00001.jsonl"
     stamp synth-end "$(wc -l < "$W/synth/prompts/shard-00000-of-00001.jsonl") prompts"

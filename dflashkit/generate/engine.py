@@ -45,7 +45,9 @@ from .synth import (
     SynthPaths,
     add_engine_arguments,
     make_filter,
+    opener_of,
     prompt_record,
+    read_openers,
     shard_target,
     user_header,
     write_done,
@@ -427,7 +429,9 @@ def synthesize(decoder, eos: set[int], renderer, args: argparse.Namespace, model
     paths = SynthPaths.of(Path(args.output_dir), args.shard_id, args.num_shards)
     target = shard_target(args.synthesize, args.shard_id, args.num_shards)
     limit = int(target * args.synth_attempts)
-    header = renderer.ids(user_header(renderer.tokenizer, renderer.template, args.chat_template_kwargs))
+    header = user_header(renderer.tokenizer, renderer.template, args.chat_template_kwargs)
+    openers = read_openers(args.synth_openers)
+    headers = [renderer.ids(header + o) for o in openers]
     engine = Engine(decoder, eos, Sampling(args.synth_temperature, args.synth_top_p))
     keep = make_filter(args, renderer.tokenizer)
     state = {"submitted": 0, "finished": 0, "accepted": 0}
@@ -436,16 +440,18 @@ def synthesize(decoder, eos: set[int], renderer, args: argparse.Namespace, model
     def submit() -> None:
         sample = args.shard_id + state["submitted"] * args.num_shards
         state["submitted"] += 1
-        queue.append(Request(sample, header, args.synth_max_tokens))
+        queue.append(Request(sample, headers[sample % len(headers)], args.synth_max_tokens))
 
     t0 = time.time()
     with JsonlAppender(paths.prompts, truncate=True) as sink:
         def on_done(req: Request, tokens: list[int], reason: str) -> None:
             state["finished"] += 1
-            text = keep.accept(renderer.decode(tokens), reason)
+            opener = opener_of(openers, req.key)
+            text = keep.accept(opener + renderer.decode(tokens), reason)
             if text is not None and state["accepted"] < target:
                 state["accepted"] += 1
-                sink.write(prompt_record(args.seed, req.key, text, model, args.synth_temperature, args.synth_top_p))
+                sink.write(prompt_record(args.seed, req.key, text, model, args.synth_temperature, args.synth_top_p,
+                                         opener))
             pending = state["submitted"] - state["finished"]
             if state["accepted"] + pending < target and state["submitted"] < limit:
                 submit()

@@ -12,6 +12,10 @@ drawn with seed `--seed + i`, so a rerun makes the same prompts; the seed is in 
 seed adds prompts whose ids cannot collide with the first run's. Deduplication is within a shard and against every
 `--synth-exclude` set (e.g. the ShareGPT prompt set and an earlier run's prompts); texts are compared case- and
 whitespace-insensitively.
+
+Left alone, a small target writes one kind of user turn (SmolLM2: "I'm ..." and "Can ..." open 59% of them).
+`--synth-openers FILE` (one opening per line, e.g. configs/synth/openers.txt) starts sample i's user turn with
+opening i % n, which the model continues: the prompt is the opening and its continuation.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..config import UserError
 from ..io import JsonlAppender, atomic_write_json
 from ..shards import shard_name
 
@@ -88,9 +93,26 @@ class SynthPaths:
         return cls(Path(out_dir) / "prompts" / f"{name}.jsonl", Path(out_dir) / f"{name}.done.json")
 
 
-def prompt_record(seed: int, sample: int, text: str, model: str, temperature: float, top_p: float) -> dict:
+def prompt_record(seed: int, sample: int, text: str, model: str, temperature: float, top_p: float,
+                  opener: str = "") -> dict:
+    synthesis = {"model": model, "seed": seed, "sample": sample, "temperature": temperature, "top_p": top_p}
     return {"id": f"synth-{seed}-{sample:09d}", "messages": [{"role": "user", "content": text}],
-            "synthesis": {"model": model, "seed": seed, "sample": sample, "temperature": temperature, "top_p": top_p}}
+            "synthesis": {**synthesis, "opener": opener} if opener else synthesis}
+
+
+def read_openers(path: Path | None) -> list[str]:
+    """--synth-openers: the openings, one a line (blank lines and `#` comments skipped); none: the bare header."""
+    if path is None:
+        return [""]
+    openers = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    openers = [o for o in openers if o and not o.startswith("#")]
+    if not openers:
+        raise UserError(f"--synth-openers {path}: no opening in it")
+    return openers
+
+
+def opener_of(openers: list[str], sample: int) -> str:
+    return openers[sample % len(openers)]
 
 
 def excluded_texts(specs: list[str]) -> list[str]:
@@ -136,6 +158,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synth-attempts", type=float, default=4.0, help="give up after N x this many samples")
     p.add_argument("--synth-exclude", nargs="+", default=[], metavar="PROMPTS",
                    help="prompt record sets (files or dirs) whose user turns count as already seen")
+    p.add_argument("--synth-openers", type=Path, default=None, metavar="FILE",
+                   help="openings of the user turn, one a line: sample i starts with opening i %% n (e.g. "
+                        "configs/synth/openers.txt); default: the model writes the whole turn")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -149,9 +174,9 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                                                           "(default: the tokenizer's own)")
 
 
-async def _sample(client, args, header: list[int], sample: int):
+async def _sample(client, args, headers: list[list[int]], sample: int):
     response = await client.completions.create(
-        model=args.model, prompt=header, temperature=args.synth_temperature, top_p=args.synth_top_p,
+        model=args.model, prompt=headers[sample % len(headers)], temperature=args.synth_temperature, top_p=args.synth_top_p,
         max_tokens=args.synth_max_tokens, seed=(args.seed or 0) + sample, timeout=args.request_timeout)
     choice = response.choices[0]
     return sample, choice.text, choice.finish_reason
@@ -178,7 +203,8 @@ def synthesize_shard(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     template = Path(args.chat_template).read_text() if args.chat_template else None
     header_text = user_header(tokenizer, template, args.chat_template_kwargs)
-    header = tokenizer(header_text, add_special_tokens=False)["input_ids"]
+    openers = read_openers(args.synth_openers)
+    headers = [tokenizer(header_text + o, add_special_tokens=False)["input_ids"] for o in openers]
     target = shard_target(args.synthesize, args.shard_id, args.num_shards)
     limit = int(target * args.synth_attempts)
     keep = make_filter(args, tokenizer)
@@ -191,17 +217,18 @@ def synthesize_shard(args: argparse.Namespace) -> int:
             while accepted < target and samples < limit:
                 wave = range(samples, min(limit, samples + args.concurrency, samples + 2 * (target - accepted)))
                 results = await asyncio.gather(*(  # spread over the servers by position, as generate does
-                    _sample(clients[k % len(clients)], args, header, args.shard_id + k * args.num_shards)
+                    _sample(clients[k % len(clients)], args, headers, args.shard_id + k * args.num_shards)
                     for k in wave))
                 for sample, text, finish in results:  # in sample order, up to the target: samples are judged
                     if accepted == target:
                         break
                     samples += 1
-                    text = keep.accept(text, finish)
+                    opener = opener_of(openers, sample)
+                    text = keep.accept(opener + text, finish)
                     if text is not None:
                         accepted += 1
                         sink.write(prompt_record(args.seed or 0, sample, text, args.model, args.synth_temperature,
-                                                 args.synth_top_p))
+                                                 args.synth_top_p, opener))
         finally:
             for client in clients:
                 await client.close()

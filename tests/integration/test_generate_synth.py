@@ -49,3 +49,18 @@ def test_synthesized_prompts_are_distinct_reproducible_and_answerable(vllm_serve
     assert sorted(answered) == sorted(r["id"] for r in records)
     assert all(r["messages"][0]["content"] in texts and r["synthesis"]["model"] == vllm_server.model
                for r in answered.values())
+
+
+def test_synthesis_openers_through_the_server(vllm_server, prepared, tmp_path):
+    """--synth-openers on the completions path: each prompt is its opening (sample i % n) and the served model's
+    continuation, as on the GPU engine (tests/unit/test_generate_engine.py)."""
+    (tmp_path / "openers.txt").write_text("Write a poem\nExplain\n")
+    res = generate(vllm_server, "--synthesize", "2", "--tokenizer", str(prepared["model"]), "--chat-template",
+                   str(THINKING_TEMPLATE), "--synth-max-tokens", "48", "--seed", "3", "--output-dir",
+                   str(tmp_path / "s"), "--synth-openers", str(tmp_path / "openers.txt"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    records = [r for _, r in iter_jsonl(tmp_path / "s" / "prompts" / "shard-00000-of-00001.jsonl")]
+    assert len(records) == 2
+    for r in records:
+        opener = ["Write a poem", "Explain"][r["synthesis"]["sample"] % 2]
+        assert r["synthesis"]["opener"] == opener and r["messages"][0]["content"].startswith(opener + " ")

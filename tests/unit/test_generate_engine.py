@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from dflashkit.config import UserError
 from dflashkit.formats import USER, Turn
 from dflashkit.generate.engine import (
     Conversation,
@@ -25,7 +26,7 @@ from dflashkit.generate.engine import (
     pick,
 )
 from dflashkit.generate.inputs import InputRecord
-from dflashkit.generate.synth import PromptFilter, excluded_texts, prompt_record, user_header
+from dflashkit.generate.synth import PromptFilter, excluded_texts, prompt_record, read_openers, user_header
 from dflashkit.io import iter_jsonl
 from dflashkit.prepare import model_dir
 from tests.helpers.server import THINKING_TEMPLATE
@@ -247,3 +248,22 @@ def test_multi_turn_prompt_set_keeps_each_distinct_user_turn_once(tmp_path):
     users = [[t.content for t in normalize_conversation(r)[0]] for r in records]
     assert [r["id"] for r in records] == ["a", "b", "c", "h"] and users == [["one", "two"], ["three"], ["four"], ["held"]]
     assert data.write_prompt_set([src], tmp_path / "single.jsonl", 1) == 4  # the same 4 training turns, one a record
+
+
+def test_synthesis_openers_start_each_prompt_in_turn(tmp_path):
+    """--synth-openers: sample i's user turn starts with opening i % n and the target writes the rest (SmolLM2 on
+    the CPU, float32); the opening is recorded with the prompt."""
+    (tmp_path / "openers.txt").write_text("# styles\nWrite a poem\n\nExplain\n")
+    assert main(["--model", str(model_dir()), "--synthesize", "4", "--output-dir", str(tmp_path / "s"),
+                 "--dtype", "float32", "--slots", "4", "--max-context", "256", "--synth-max-tokens", "48",
+                 "--chat-template", str(THINKING_TEMPLATE), "--seed", "5",
+                 "--synth-openers", str(tmp_path / "openers.txt")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "s" / "prompts" / "shard-00000-of-00001.jsonl").open()]
+    assert len(records) == 4
+    for r in records:
+        opener = ["Write a poem", "Explain"][r["synthesis"]["sample"] % 2]
+        text = r["messages"][0]["content"]
+        assert r["synthesis"]["opener"] == opener and text.startswith(opener) and len(text) > len(opener), r
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(UserError, match="no opening"):
+        read_openers(tmp_path / "empty.txt")
