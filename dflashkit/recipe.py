@@ -129,7 +129,8 @@ class GenerateSpec:
         unknown = unknown_thinking_modes(self.thinking_modes, self.thinking_mode_map)
         if unknown:
             raise ValueError(f"generate.thinking_modes: {unknown}")
-        for s in below_minimum(lambda s: getattr(self, s.key) if s.recipe else None):  # refused at submit, not per shard
+        # Refused at submit, not by every shard of the array.
+        for s in below_minimum(lambda s: getattr(self, s.key) if s.recipe else None):
             raise ValueError(f"generate.{s.key} must be >= {s.minimum}")
 
     def worker_env(self) -> dict[str, str]:

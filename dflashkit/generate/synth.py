@@ -176,7 +176,8 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 async def _sample(client, args, headers: list[list[int]], sample: int):
     response = await client.completions.create(
-        model=args.model, prompt=headers[sample % len(headers)], temperature=args.synth_temperature, top_p=args.synth_top_p,
+        model=args.model, prompt=headers[sample % len(headers)], temperature=args.synth_temperature,
+        top_p=args.synth_top_p,
         max_tokens=args.synth_max_tokens, seed=(args.seed or 0) + sample, timeout=args.request_timeout)
     choice = response.choices[0]
     return sample, choice.text, choice.finish_reason

@@ -113,7 +113,8 @@ class DataSpec:
             raise ValueError("data.max_bad_records must be >= 0, or -1 for no limit")
         if min(self.max_seq_len - 1, self.num_anchors, self.micro_batch_size, self.heldout_anchors) < 1 \
                 or self.num_workers < 0:
-            raise ValueError("data sizes must be positive (data.max_seq_len at least 2: an anchor and a token after it)")
+            raise ValueError("data sizes must be positive (data.max_seq_len at least 2: an anchor and a token "
+                             "after it)")
         if self.heldout_records < 0 or self.group_by_length < 0:
             raise ValueError("data.heldout_records and data.group_by_length must be >= 0")
         if self.online.heldout_inputs and (self.source != "online" or self.heldout_records):

@@ -47,7 +47,7 @@ def read_dump_dirs(dump_dirs: list[str]) -> tuple[dict, list[Path]]:
         this = read_meta(directory)
         if this["layer_id_convention"] != CONVENTION:
             raise ConfigError(f"dump dir {directory}: layer ids follow {this['layer_id_convention']!r}, the trainer "
-                             f"expects {CONVENTION!r}")
+                              f"expects {CONVENTION!r}")
         if meta is None:
             meta = this
         else:
@@ -193,7 +193,7 @@ class DumpSource:
         self.heldout = None  # the held-out records are drawn from these (data.heldout_records)
         if cfg.loss.kd_weight > 0 and self.meta["final_state"] == "none":
             raise ConfigError(f"loss.kd_weight > 0 needs the final state, and {cfg.data.dump_dirs} were dumped "
-                             "with --no-final-state")
+                              "with --no-final-state")
 
     def describe(self) -> str:
         return f"dump dirs {self.cfg.data.dump_dirs}"
@@ -305,7 +305,7 @@ class BatchPlan:
         steps = self.num_records // self.global_batch
         if steps == 0:
             raise ConfigError(f"{self.num_records} records are fewer than one global batch of {self.global_batch} "
-                             "(world x micro_batch_size x grad_accum)")
+                              "(world x micro_batch_size x grad_accum)")
         return steps
 
     def order(self, epoch: int) -> torch.Tensor:

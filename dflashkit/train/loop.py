@@ -62,7 +62,7 @@ def draft_config(cfg: TrainConfig, meta: dict) -> DFlashConfig:
         raise ConfigError(f"model: {e}") from None
     if (dcfg.hidden_size, dcfg.num_target_layers) != (meta["hidden_size"], meta["num_hidden_layers"]):
         raise ConfigError(f"the dump (hidden {meta['hidden_size']}, {meta['num_hidden_layers']} layers) was not made "
-                         f"from {cfg.target_model} (hidden {dcfg.hidden_size}, {dcfg.num_target_layers} layers)")
+                          f"from {cfg.target_model} (hidden {dcfg.hidden_size}, {dcfg.num_target_layers} layers)")
     return dcfg
 
 
@@ -111,7 +111,7 @@ class Trainer:
         self.label_width = self.objective.label_width(dcfg.block_size)
         if self.head.vocab_size <= dcfg.mask_token_id or self.head.hidden_size != dcfg.hidden_size:
             raise ConfigError(f"target head {list(self.head.lm_head.shape)} does not fit the draft "
-                             f"(hidden {dcfg.hidden_size}, mask_token_id {dcfg.mask_token_id})")
+                              f"(hidden {dcfg.hidden_size}, mask_token_id {dcfg.mask_token_id})")
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         with d.device:  # initialized where it trains: a 1-2 B-parameter draft takes tens of seconds on the CPU
             draft = KINDS[cfg.model.kind].model(dcfg)
