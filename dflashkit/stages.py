@@ -118,7 +118,6 @@ def _dump(recipe: Recipe, run_dir: Path) -> StageJob:
     script = ROOT / f"compute_hidden_states_{d.backend}.py"
     if not script.exists():
         raise StageUnavailable(f"the dump stage is not in this checkout yet ({script.name} is missing)")
-    dump_settings(recipe)  # a flag the dump script refuses is refused at submit, not after the generate stage
     out = run_dir / "dump"
     env = {"MODEL": recipe.model.path, "INPUT": str(run_dir / "generate"), "OUTPUT_DIR": str(out),
            "NUM_SHARDS": str(d.num_shards), "DUMP_BACKEND": d.backend, **d.env}
@@ -156,8 +155,17 @@ def eval_command(recipe: Recipe) -> list[str]:
     return cmd
 
 
+def check_stage_args(recipe: Recipe, stages: list[str]) -> None:
+    """The dump and eval flags through those stages' own parsers, so that submit refuses what they would refuse
+    after the stages before them had run. Once, at submit: the parsers' modules import torch, which a rerun (the
+    recipe the submit checked, on a login node) does not need."""
+    if "dump" in stages:
+        dump_settings(recipe)
+    if "eval" in stages:
+        eval_command(recipe)
+
+
 def _eval(recipe: Recipe, run_dir: Path) -> StageJob:
-    eval_command(recipe)  # eval.args the eval refuses are refused at submit, not after training
     return StageJob("eval", None, [str(run_dir)], dict(_common_env(run_dir)), 1, run_dir / "eval", recipe.eval.slurm,
                     is_array=False, upstream=run_dir / "train", function="dflashkit.finish:export_and_eval")
 

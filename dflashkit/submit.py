@@ -23,7 +23,16 @@ from .recipe import Recipe, load_recipe
 from .rundir import ManifestError, now, open_run, save_manifest, stage_record
 from .shards import fingerprint, is_stale, read_marker, retire_marker, setup_logging
 from .slurm import ACTIVE, array_spec, cancel, query_tasks, sbatch, sbatch_command, submitit_submit
-from .stages import STAGE_NAMES, STAGES, StageJob, StageUnavailable, later_stages, prepare_stage, stage_job
+from .stages import (
+    STAGE_NAMES,
+    STAGES,
+    StageJob,
+    StageUnavailable,
+    check_stage_args,
+    later_stages,
+    prepare_stage,
+    stage_job,
+)
 from .status import ShardStatus, run_status, stage_list
 
 log = logging.getLogger("dflashkit.submit")
@@ -145,6 +154,7 @@ def submit_main(argv: list[str] | None = None) -> int:
         executor = pick_executor(args.executor or recipe.run.executor)
         run_dir = recipe.run_dir()
         jobs = _jobs(recipe, run_dir, stages)
+        check_stage_args(recipe, stages)
         log.info("resolved recipe: %s", json.dumps(dataclasses.asdict(recipe), sort_keys=True))
         if args.dry_run:
             return run_chain(run_dir, {}, recipe, jobs, executor, dry_run=True)
