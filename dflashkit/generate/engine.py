@@ -45,7 +45,7 @@ from .synth import (
     SynthPaths,
     add_engine_arguments,
     make_filter,
-    opener_of,
+    of_sample,
     prompt_record,
     read_openers,
     shard_target,
@@ -440,13 +440,13 @@ def synthesize(decoder, eos: set[int], renderer, args: argparse.Namespace, model
     def submit() -> None:
         sample = args.shard_id + state["submitted"] * args.num_shards
         state["submitted"] += 1
-        queue.append(Request(sample, headers[sample % len(headers)], args.synth_max_tokens))
+        queue.append(Request(sample, of_sample(headers, sample), args.synth_max_tokens))
 
     t0 = time.time()
     with JsonlAppender(paths.prompts, truncate=True) as sink:
         def on_done(req: Request, tokens: list[int], reason: str) -> None:
             state["finished"] += 1
-            opener = opener_of(openers, req.key)
+            opener = of_sample(openers, req.key)
             text = keep.accept(opener + renderer.decode(tokens), reason)
             if text is not None and state["accepted"] < target:
                 state["accepted"] += 1

@@ -111,8 +111,9 @@ def read_openers(path: Path | None) -> list[str]:
     return openers
 
 
-def opener_of(openers: list[str], sample: int) -> str:
-    return openers[sample % len(openers)]
+def of_sample(per_opener: list, sample: int):
+    """Sample i's opening (or what was made from it, e.g. its header ids): opening i % n."""
+    return per_opener[sample % len(per_opener)]
 
 
 def excluded_texts(specs: list[str]) -> list[str]:
@@ -176,7 +177,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
 
 async def _sample(client, args, headers: list[list[int]], sample: int):
     response = await client.completions.create(
-        model=args.model, prompt=headers[sample % len(headers)], temperature=args.synth_temperature,
+        model=args.model, prompt=of_sample(headers, sample), temperature=args.synth_temperature,
         top_p=args.synth_top_p,
         max_tokens=args.synth_max_tokens, seed=(args.seed or 0) + sample, timeout=args.request_timeout)
     choice = response.choices[0]
@@ -224,7 +225,7 @@ def synthesize_shard(args: argparse.Namespace) -> int:
                     if accepted == target:
                         break
                     samples += 1
-                    opener = opener_of(openers, sample)
+                    opener = of_sample(openers, sample)
                     text = keep.accept(opener + text, finish)
                     if text is not None:
                         accepted += 1
